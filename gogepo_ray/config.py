@@ -1,0 +1,263 @@
+"""Run configuration: pydantic models loaded from YAML, with ``--set key=value`` overrides.
+
+Every default below is the reference value of DESIGN.md §1. A config file only needs to
+say what differs (the env and its return range, mostly). Unknown keys, wrong types,
+out-of-range values, env ids that do not exist and non-Box spaces are all rejected with
+one message that names the field.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A user's configuration is wrong; the message says where and why."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+
+class EnvConfig(_Section):
+    id: str = "InvertedPendulum-v5"
+    """Gymnasium env id (``Hopper-v5``) or an entry point ``package.module:ClassName``."""
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Keyword arguments passed to the env constructor."""
+    return_min: float = 0.0
+    """Lowest return of interest: the bottom of the command sweep."""
+    return_max: float = 1000.0
+    """Highest return of interest. Commands enter the generator divided by (return_max − return_min)."""
+    survival_offset: float = 0.0
+    """Added to the reward of every *training* step (Hopper, Walker2d, Ant: −1). Evaluation reports the true return."""
+    max_episode_steps: int | None = Field(default=None, ge=1)
+    """Episode step limit; None keeps the env's own."""
+
+    @field_validator("id")
+    @classmethod
+    def _env_exists(cls, value: str) -> str:
+        from gogepo_ray.envs import check_env_id
+
+        check_env_id(value)
+        return value
+
+    @model_validator(mode="after")
+    def _range(self) -> EnvConfig:
+        if self.return_max <= self.return_min:
+            raise ValueError("return_max must be greater than return_min")
+        return self
+
+
+class PolicyConfig(_Section):
+    hidden: list[int] = Field(default_factory=lambda: [256, 256])
+    """Hidden layer sizes of the generated MLP policy (tanh units)."""
+    obs_norm: bool = True
+    """Normalise observations with running statistics of all training steps."""
+
+    @field_validator("hidden")
+    @classmethod
+    def _positive(cls, value: list[int]) -> list[int]:
+        if any(h < 1 for h in value):
+            raise ValueError("hidden sizes must be positive")
+        return value
+
+
+class GeneratorConfig(_Section):
+    tile: int = Field(default=16, ge=1)
+    """k: weight matrices are written in k×k tiles."""
+    embedding_dim: int = Field(default=8, ge=1)
+    """Size of each tile's learned embedding."""
+    hidden: list[int] = Field(default_factory=lambda: [256, 256])
+    """Hidden sizes of the per-layer-kind hypernetwork MLPs (ReLU)."""
+    output_scale: float = Field(default=2.0, gt=0)
+    """s: generated weights and biases are scaled by s/√fan_in."""
+    lr: float = Field(default=2e-6, gt=0)
+    """Adam learning rate of the generator."""
+    batch_size: int = Field(default=16, ge=1)
+    """Commands per generator step, sampled from the buffer's returns."""
+    steps_per_episode: int = Field(default=19, ge=0)
+    """Generator steps after every finished training episode."""
+
+
+class CriticConfig(_Section):
+    probing_states: int = Field(default=200, ge=1)
+    """P: learned probing states whose actions form a policy's fingerprint."""
+    hidden: list[int] = Field(default_factory=lambda: [256, 256])
+    """Hidden sizes of the critic MLP on the fingerprint (ReLU)."""
+    lr: float = Field(default=5e-3, gt=0)
+    """Adam learning rate of the critic (and the probing states)."""
+    batch_size: int = Field(default=16, ge=1)
+    """(θ, R) pairs per critic step."""
+    steps_per_episode: int = Field(default=4, ge=0)
+    """Critic steps after every finished training episode."""
+
+
+class BufferConfig(_Section):
+    capacity: int = Field(default=10_000, ge=1)
+    """Most (θ, R) pairs kept; the oldest go first."""
+    recency_exponent: float = Field(default=1.1, ge=0)
+    """Entry of age k (1 = newest) is sampled with weight (1/k)^recency_exponent."""
+
+
+class ExplorationConfig(_Section):
+    drive: float = 20.0
+    """Exploration command = best training return so far + drive."""
+    param_noise: float = Field(default=0.1, ge=0)
+    """σ of the Gaussian noise added to generated parameters of training policies."""
+
+
+class LearnerConfig(_Section):
+    device: str = "cpu"
+    """Torch device of the learner: ``cpu`` or ``cuda`` (the learner actor then asks Ray for a GPU)."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """Arithmetic of the generator's hypernetworks: bf16 autocast is faster where the CPU has
+    bf16 units (AVX512-BF16/AMX) or on a GPU; parameters and losses stay fp32."""
+    num_threads: int = Field(default=0, ge=0)
+    """Torch intra-op threads of the learner; 0 keeps torch's default."""
+    num_cpus: float = Field(default=1.0, ge=0)
+    """CPUs the learner actor reserves in Ray."""
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if value != "cpu" and not value.startswith("cuda"):
+            raise ValueError("device must be 'cpu' or 'cuda' (optionally 'cuda:N')")
+        return value
+
+
+class RunConfig(_Section):
+    seed: int = Field(default=0, ge=0)
+    """Base seed; every worker's and every episode's seed derives from it."""
+    total_env_steps: int = Field(default=100_000, ge=1)
+    """Training env steps to run (evaluation steps are counted apart)."""
+    eval_every: int = Field(default=10_000, ge=1)
+    """Evaluate G(best return) after every this many training env steps."""
+    eval_episodes: int = Field(default=10, ge=1)
+    """Episodes averaged per evaluation."""
+    workers: int = Field(default_factory=lambda: max(1, (os.cpu_count() or 2) - 1), ge=1)
+    """Rollout worker actors. Default: the machine's CPUs minus one for the learner."""
+    envs_per_worker: int = Field(default=1, ge=1)
+    """Envs each worker steps together with one batched policy forward."""
+    checkpoint_every: int = Field(default=50_000, ge=1)
+    """Write a checkpoint after every this many training env steps (and at the end)."""
+    output_dir: str = "runs"
+    """Where run directories are created."""
+    name: str | None = None
+    """Run directory name; default ``<env>-<time>-s<seed>``."""
+    sweep_commands: int = Field(default=21, ge=2)
+    """Commands in the final command sweep, spread over [return_min, return_max]."""
+    sweep_at_end: bool = True
+    """Run the command sweep once training ends and record it with the run."""
+
+
+class TrackingConfig(_Section):
+    enabled: bool = True
+    """Record the run in MLflow."""
+    tracking_uri: str | None = None
+    """MLflow tracking URI. Default: $MLFLOW_TRACKING_URI, else sqlite:///<output_dir>/mlflow.db."""
+    experiment: str = "gogepo"
+    """MLflow experiment name."""
+
+
+class Config(_Section):
+    """A whole GoGePo run."""
+
+    env: EnvConfig = Field(default_factory=EnvConfig)
+    policy: PolicyConfig = Field(default_factory=PolicyConfig)
+    generator: GeneratorConfig = Field(default_factory=GeneratorConfig)
+    critic: CriticConfig = Field(default_factory=CriticConfig)
+    buffer: BufferConfig = Field(default_factory=BufferConfig)
+    exploration: ExplorationConfig = Field(default_factory=ExplorationConfig)
+    learner: LearnerConfig = Field(default_factory=LearnerConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted keys -> values, e.g. {"generator.lr": 2e-06}."""
+        out: dict[str, Any] = {}
+
+        def walk(prefix: str, value: Any) -> None:
+            if isinstance(value, dict) and value and prefix.count(".") < 1:
+                for k, v in value.items():
+                    walk(f"{prefix}.{k}" if prefix else k, v)
+            else:
+                out[prefix] = value
+
+        walk("", self.model_dump(mode="json"))
+        return out
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config ({source}):"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"  {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``generator.lr=1e-5`` -> (["generator", "lr"], 1e-05); values are parsed as YAML."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like section.key=value")
+    key, raw = item.split("=", 1)
+    path = [p for p in key.strip().split(".") if p]
+    if not path:
+        raise ConfigError(f"override {item!r} has no key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {item!r}: value is not valid YAML ({exc})") from None
+    return path, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for item in overrides:
+        path, value = parse_override(item)
+        node = data
+        for part in path[:-1]:
+            nxt = node.setdefault(part, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override {item!r}: {part} is not a section")
+            node = nxt
+        node[path[-1]] = value
+    return data
+
+
+def build_config(data: dict[str, Any], source: str = "config") -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err, source)) from None
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (or the defaults when ``path`` is None) and apply overrides."""
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{p} is not valid YAML: {exc}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p} must hold a mapping of sections, got {type(loaded).__name__}")
+        data = loaded
+    data = apply_overrides(data, overrides or [])
+    return build_config(data, source)

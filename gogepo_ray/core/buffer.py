@@ -1,0 +1,91 @@
+"""Replay buffer of (policy_params, return) pairs with recency-weighted sampling.
+
+Sampling favours recent entries (paper §3, appendix): the entry of age k (k = 1 for the
+newest) is drawn with probability ∝ (1/k)^recency_exponent, with replacement. The buffer
+holds at most ``capacity`` entries; the oldest is overwritten first. Storage grows with
+the number of entries, so a short run never allocates the full capacity.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class ReplayBuffer:
+    def __init__(self, capacity: int, num_params: int, recency_exponent: float = 1.1) -> None:
+        if capacity < 1:
+            raise ValueError("capacity must be at least 1")
+        self.capacity = capacity
+        self.num_params = num_params
+        self.recency_exponent = recency_exponent
+        self._params: list[torch.Tensor] = []  # ring storage, each (D,)
+        self._returns: list[float] = []
+        self._head = 0  # slot of the next write once full
+        self.total_added = 0
+        ages = torch.arange(1, capacity + 1, dtype=torch.float64)
+        self._age_weights = ages.pow(-recency_exponent)  # (capacity,), index k-1 -> weight of age k
+
+    def __len__(self) -> int:
+        return len(self._params)
+
+    def add(self, policy_params: torch.Tensor, episode_return: float) -> None:
+        """Store one (θ, R) pair; θ is (D,) and is copied to contiguous float32 CPU memory."""
+        p = policy_params.detach().to("cpu", torch.float32).reshape(-1).clone()
+        if p.numel() != self.num_params:
+            raise ValueError(f"expected {self.num_params} params, got {p.numel()}")
+        if len(self._params) < self.capacity:
+            self._params.append(p)
+            self._returns.append(float(episode_return))
+        else:
+            self._params[self._head] = p
+            self._returns[self._head] = float(episode_return)
+            self._head = (self._head + 1) % self.capacity
+        self.total_added += 1
+
+    def _slot_of_age(self, ages: torch.Tensor) -> torch.Tensor:
+        """Storage slot of entries with age k (k = 1 newest)."""
+        next_slot = len(self) if len(self) < self.capacity else self._head
+        return (next_slot - ages) % self.capacity
+
+    def sample_probabilities(self) -> torch.Tensor:
+        """Sampling probability of each age k = 1..len (index 0 is the newest)."""
+        w = self._age_weights[: len(self)]
+        return w / w.sum()
+
+    def sample(self, batch_size: int, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draw ``batch_size`` pairs: policy_params (B, D), returns (B,)."""
+        if len(self) == 0:
+            raise RuntimeError("cannot sample from an empty replay buffer")
+        ages = torch.multinomial(self.sample_probabilities(), batch_size, replacement=True, generator=rng) + 1
+        slots = self._slot_of_age(ages).tolist()
+        params = torch.stack([self._params[s] for s in slots])
+        returns = torch.tensor([self._returns[s] for s in slots], dtype=torch.float32)
+        return params, returns
+
+    def returns_in_order(self) -> list[float]:
+        """All stored returns, oldest first."""
+        n = len(self)
+        if n < self.capacity:
+            return list(self._returns)
+        return self._returns[self._head :] + self._returns[: self._head]
+
+    def state_dict(self) -> dict:
+        n = len(self)
+        order = list(range(n)) if n < self.capacity else list(range(self._head, n)) + list(range(self._head))
+        params = torch.stack([self._params[i] for i in order]) if n else torch.zeros(0, self.num_params)
+        return {
+            "params": params,  # (n, D), oldest first
+            "returns": torch.tensor([self._returns[i] for i in order], dtype=torch.float64),
+            "total_added": self.total_added,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        params, returns = state["params"], state["returns"]
+        if params.shape[0] and params.shape[1] != self.num_params:
+            raise ValueError(
+                f"buffer holds policies of {params.shape[1]} params, this policy has {self.num_params}"
+            )
+        self._params, self._returns, self._head = [], [], 0
+        for p, r in zip(params[-self.capacity :], returns[-self.capacity :].tolist()):
+            self.add(p, r)
+        self.total_added = int(state["total_added"])

@@ -1,0 +1,244 @@
+"""The GoGePo learner: generator, critic, their optimisers, the replay buffer and the
+master observation statistics, with the update loop of the paper (Algorithm 1).
+
+Per finished training episode (θ, R):
+  1. R_train = R + survival_offset · length; store (θ, R_train) in the buffer.
+  2. ``critic.steps_per_episode`` critic steps:     min_V  mean (V(θ_i) − R_i)²
+  3. ``generator.steps_per_episode`` generator steps, V frozen, commands c_i = buffer
+     returns:                                        min_G  mean (V(G(c_i)) − c_i)²
+Exploration: command c = best training return so far + drive; θ = G(c) + σ·ε, ε ~ N(0, I).
+Evaluation: G(best training return), no noise.
+
+This module knows tensors and numpy only. It reads its settings from a config object by
+attribute (``gogepo_ray.config.Config``) without importing pydantic.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from gogepo_ray.core.buffer import ReplayBuffer
+from gogepo_ray.core.critic import Critic
+from gogepo_ray.core.generator import Generator
+from gogepo_ray.core.normalizer import ObsStats
+from gogepo_ray.core.policy import PolicySpec
+from gogepo_ray.types import EpisodeBatch, Kind, LearnerStats, ParamBatch, episode_seed
+
+if TYPE_CHECKING:
+    from gogepo_ray.config import Config
+
+
+def critic_loss(critic: Critic, policy_params: torch.Tensor, returns: torch.Tensor) -> torch.Tensor:
+    """Paper eq. (critic): mean over the batch of (V(θ) − R)²."""
+    return ((critic(policy_params) - returns) ** 2).mean()
+
+
+def generator_loss(generator: Generator, critic: Critic, commands: torch.Tensor) -> torch.Tensor:
+    """Paper eq. (generator): mean over commands of (V(G(c)) − c)², with V held fixed."""
+    return ((critic(generator.layers(commands)) - commands) ** 2).mean()
+
+
+def exploration_command(best_return: float | None, drive: float) -> float:
+    """Paper §3: ask for a little more than the best return seen so far."""
+    return (0.0 if best_return is None else best_return) + drive
+
+
+def training_return(true_return: float, length: int, survival_offset: float) -> float:
+    """Return the method learns from: the env's return plus a per-step offset (Hopper: −1)."""
+    return true_return + survival_offset * length
+
+
+class Learner:
+    """All learning state of a run. The Ray learner actor wraps one of these."""
+
+    def __init__(self, cfg: Config, spec: PolicySpec) -> None:
+        self.cfg = cfg
+        self.spec = spec
+        self.device = torch.device(cfg.learner.device)
+        if cfg.learner.num_threads:
+            torch.set_num_threads(cfg.learner.num_threads)
+        torch.manual_seed(cfg.run.seed)
+        g, c = cfg.generator, cfg.critic
+        self.generator = Generator(
+            spec,
+            command_scale=cfg.env.return_max - cfg.env.return_min,
+            tile=g.tile,
+            embedding_dim=g.embedding_dim,
+            hidden=tuple(g.hidden),
+            output_scale=g.output_scale,
+            bf16=cfg.learner.precision == "bf16",
+        ).to(self.device)
+        self.critic = Critic(spec, probing_states=c.probing_states, hidden=tuple(c.hidden)).to(self.device)
+        self.generator_opt = torch.optim.Adam(self.generator.parameters(), lr=g.lr)
+        self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=c.lr)
+        self.buffer = ReplayBuffer(cfg.buffer.capacity, spec.num_params, cfg.buffer.recency_exponent)
+        self.obs_stats = ObsStats(spec.obs_dim)
+        self.rng = torch.Generator().manual_seed(cfg.run.seed)  # noise and buffer sampling
+        self.best_return: float | None = None
+        self.env_steps = 0
+        self.episodes = 0
+        self.failed_episodes = 0
+        self.next_id = {"train": 0, "eval": 0}
+        self.learner_seconds = 0.0
+        self._last = {"critic_loss": float("nan"), "generator_loss": float("nan"), "fresh": float("nan")}
+
+    # ------------------------------------------------------------------ proposing policies
+    def _batch(self, kind: Kind, commands: np.ndarray, noise: float) -> ParamBatch:
+        with torch.no_grad():
+            c = torch.as_tensor(commands, dtype=torch.float32, device=self.device)
+            params = self.generator(c).cpu()  # (n, D)
+            if noise > 0:
+                params = params + noise * torch.randn(params.shape, generator=self.rng)
+        n = len(commands)
+        ids = np.arange(self.next_id[kind], self.next_id[kind] + n, dtype=np.int64)
+        self.next_id[kind] += n
+        mean, std = self.obs_stats.normalizer() if self.cfg.policy.obs_norm else (
+            np.zeros(self.spec.obs_dim, np.float32),
+            np.ones(self.spec.obs_dim, np.float32),
+        )
+        return ParamBatch(
+            kind=kind,
+            episode_ids=ids,
+            seeds=np.array([episode_seed(self.cfg.run.seed, kind, int(i)) for i in ids], dtype=np.int64),
+            commands=np.asarray(commands, dtype=np.float64),
+            policy_params=params.numpy().astype(np.float32),
+            obs_mean=mean,
+            obs_std=std,
+        )
+
+    def propose(self, n: int) -> ParamBatch:
+        """n exploration policies from the newest generator: G(best + drive) + σ·ε."""
+        command = exploration_command(self.best_return, self.cfg.exploration.drive)
+        return self._batch("train", np.full(n, command), self.cfg.exploration.param_noise)
+
+    def eval_command(self) -> float:
+        """The command evaluation asks for: the best training return so far."""
+        return 0.0 if self.best_return is None else self.best_return
+
+    def propose_eval(self, commands: list[float] | None = None, episodes: int = 1) -> ParamBatch:
+        """Noise-free policies, ``episodes`` copies of G(c) for every command."""
+        cmds = [self.eval_command()] if commands is None else list(commands)
+        return self._batch("eval", np.repeat(np.asarray(cmds, dtype=np.float64), episodes), 0.0)
+
+    # ------------------------------------------------------------------ learning
+    def critic_step(self) -> float:
+        params, returns = self.buffer.sample(self.cfg.critic.batch_size, self.rng)
+        loss = critic_loss(self.critic, params.to(self.device), returns.to(self.device))
+        self.critic_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.critic_opt.step()
+        return loss.item()
+
+    def generator_step(self) -> float:
+        _, commands = self.buffer.sample(self.cfg.generator.batch_size, self.rng)
+        loss = generator_loss(self.generator, self.critic, commands.to(self.device))
+        self.generator_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.generator_opt.step()
+        return loss.item()
+
+    def update(self, n_episodes: int) -> tuple[float, float]:
+        """The configured critic then generator steps, once per finished episode."""
+        closs, gloss = float("nan"), float("nan")
+        for _ in range(n_episodes):
+            for _ in range(self.cfg.critic.steps_per_episode):
+                closs = self.critic_step()
+            self.critic.requires_grad_(False)
+            try:
+                for _ in range(self.cfg.generator.steps_per_episode):
+                    gloss = self.generator_step()
+            finally:
+                self.critic.requires_grad_(True)
+        return closs, gloss
+
+    def ingest(self, batch: EpisodeBatch) -> LearnerStats:
+        """Add a worker's finished training episodes to the buffer, merge its observation
+        statistics, and run the per-episode updates."""
+        if batch.kind != "train":
+            raise ValueError("only training episodes enter the learner")
+        start = time.perf_counter()
+        ok = [i for i, f in enumerate(batch.failures) if f is None]
+        self.failed_episodes += len(batch.failures) - len(ok)
+        # Statistics of every training step count, failed episodes excluded by the worker.
+        self.obs_stats.merge(ObsStats(self.spec.obs_dim, batch.obs_count, batch.obs_mean, batch.obs_m2))
+        if ok:
+            params = torch.as_tensor(batch.policy_params[ok])
+            train_returns = [
+                training_return(float(batch.returns[i]), int(batch.lengths[i]), self.cfg.env.survival_offset)
+                for i in ok
+            ]
+            if len(self.buffer) > 0:
+                with torch.no_grad():
+                    pred = self.critic(params.to(self.device)).cpu()
+                self._last["fresh"] = float((pred - torch.tensor(train_returns)).abs().mean())
+            for p, r in zip(params, train_returns):
+                self.buffer.add(p, r)
+                self.best_return = r if self.best_return is None else max(self.best_return, r)
+            self.env_steps += int(batch.lengths[ok].sum())
+            self.episodes += len(ok)
+            closs, gloss = self.update(len(ok))
+            self._last["critic_loss"], self._last["generator_loss"] = closs, gloss
+        took = time.perf_counter() - start
+        self.learner_seconds += took
+        return self.stats(took)
+
+    def stats(self, update_seconds: float = 0.0) -> LearnerStats:
+        return LearnerStats(
+            env_steps=self.env_steps,
+            episodes=self.episodes,
+            failed_episodes=self.failed_episodes,
+            best_return=float("nan") if self.best_return is None else self.best_return,
+            buffer_size=len(self.buffer),
+            critic_loss=self._last["critic_loss"],
+            generator_loss=self._last["generator_loss"],
+            critic_fresh_error=self._last["fresh"],
+            learner_seconds=self.learner_seconds,
+            update_seconds=update_seconds,
+        )
+
+    # ------------------------------------------------------------------ checkpointing
+    def state_dict(self) -> dict:
+        """The whole learning state, as tensors and plain Python values (safe to load with
+        ``torch.load(weights_only=True)``)."""
+        return {
+            "generator": self.generator.state_dict(),
+            "critic": self.critic.state_dict(),
+            "generator_opt": self.generator_opt.state_dict(),
+            "critic_opt": self.critic_opt.state_dict(),
+            "buffer": self.buffer.state_dict(),
+            "obs_stats": {k: torch.as_tensor(v) for k, v in self.obs_stats.state_dict().items()},
+            "rng": self.rng.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "best_return": self.best_return,
+            "counters": {
+                "env_steps": self.env_steps,
+                "episodes": self.episodes,
+                "failed_episodes": self.failed_episodes,
+                "next_train_id": self.next_id["train"],
+                "next_eval_id": self.next_id["eval"],
+                "learner_seconds": self.learner_seconds,
+            },
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.load_state_dict(state["generator"])
+        self.critic.load_state_dict(state["critic"])
+        self.generator_opt.load_state_dict(state["generator_opt"])
+        self.critic_opt.load_state_dict(state["critic_opt"])
+        self.buffer.load_state_dict(state["buffer"])
+        obs = state["obs_stats"]
+        self.obs_stats = ObsStats.from_state_dict(
+            {"count": int(obs["count"]), "mean": obs["mean"].numpy(), "m2": obs["m2"].numpy()}
+        )
+        self.rng.set_state(state["rng"])
+        torch.set_rng_state(state["torch_rng"])
+        self.best_return = state["best_return"]
+        c = state["counters"]
+        self.env_steps, self.episodes = int(c["env_steps"]), int(c["episodes"])
+        self.failed_episodes = int(c["failed_episodes"])
+        self.next_id = {"train": int(c["next_train_id"]), "eval": int(c["next_eval_id"])}
+        self.learner_seconds = float(c["learner_seconds"])

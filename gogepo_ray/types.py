@@ -1,0 +1,58 @@
+"""Typed records that cross actor boundaries. numpy only: no Ray, no torch."""
+
+from __future__ import annotations
+
+from typing import Literal, NamedTuple
+
+import numpy as np
+
+Kind = Literal["train", "eval"]
+
+
+class ParamBatch(NamedTuple):
+    """Policies for a worker to run, one episode each."""
+
+    kind: Kind
+    episode_ids: np.ndarray  # (n,) int64, unique per kind within a run
+    seeds: np.ndarray  # (n,) int64, env reset seed of each episode
+    commands: np.ndarray  # (n,) float64, the command each policy was generated for
+    policy_params: np.ndarray  # (n, D) float32
+    obs_mean: np.ndarray  # (obs_dim,) float32
+    obs_std: np.ndarray  # (obs_dim,) float32, std + eps
+
+
+class EpisodeBatch(NamedTuple):
+    """What a worker sends back for a ParamBatch."""
+
+    kind: Kind
+    episode_ids: np.ndarray  # (n,)
+    commands: np.ndarray  # (n,)
+    policy_params: np.ndarray  # (n, D), echoed so the learner needs no pending state
+    returns: np.ndarray  # (n,) float64, the env's true undiscounted return
+    lengths: np.ndarray  # (n,) int64, env steps of each episode
+    failures: tuple[str | None, ...]  # per episode: None, or why it was dropped
+    obs_count: int  # statistics delta over this batch's training steps
+    obs_mean: np.ndarray  # (obs_dim,)
+    obs_m2: np.ndarray  # (obs_dim,)
+    rollout_seconds: float
+
+
+class LearnerStats(NamedTuple):
+    """The learner's counters and latest losses after an update."""
+
+    env_steps: int
+    episodes: int
+    failed_episodes: int
+    best_return: float
+    buffer_size: int
+    critic_loss: float
+    generator_loss: float
+    critic_fresh_error: float  # |V(θ) − R| on episodes before they were trained on
+    learner_seconds: float
+    update_seconds: float  # this call's update time
+
+
+def episode_seed(run_seed: int, kind: Kind, episode_id: int) -> int:
+    """Env reset seed of one episode, derived from the run seed only."""
+    stream = 0 if kind == "train" else 1
+    return int(np.random.SeedSequence([run_seed, stream, episode_id]).generate_state(1)[0])
