@@ -106,7 +106,7 @@ def to_sequential(spec: PolicySpec, policy_params: torch.Tensor) -> nn.Sequentia
     """An ``nn.Sequential`` holding one policy's weights; its output is tanh(z), before bounds."""
     modules: list[nn.Module] = []
     layers = spec.split(policy_params.detach().reshape(1, -1))
-    for idx, (w, b) in enumerate(layers):
+    for w, b in layers:
         lin = nn.Linear(w.shape[2], w.shape[1])
         with torch.no_grad():
             lin.weight.copy_(w[0])

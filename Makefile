@@ -1,0 +1,45 @@
+# Everything a contributor types. Each target creates .venv when it is missing.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+CONFIG ?= configs/inverted_pendulum.yaml
+ARGS   ?=
+SEEDS  ?= 3
+
+.PHONY: venv train test test-fast lint format bench-learning bench-hopper clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+## Train GoGePo on CONFIG (default InvertedPendulum-v5) on a local Ray instance, tracked in runs/mlflow.db.
+train: $(STAMP)
+	$(BIN)/gogepo train $(CONFIG) $(ARGS)
+
+## The whole test suite: unit tier, then end-to-end runs on a real local Ray and real MuJoCo.
+test: $(STAMP)
+	$(BIN)/python -m pytest $(ARGS)
+
+## Unit tier only (no Ray cluster, no training runs).
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not e2e" $(ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check gogepo_ray tests bench
+	$(BIN)/ruff format --check gogepo_ray tests bench
+
+format: $(STAMP)
+	$(BIN)/ruff format gogepo_ray tests bench
+	$(BIN)/ruff check --fix gogepo_ray tests bench
+
+## Learning benchmark: SEEDS seeds of CONFIG, JSON in bench/results/.
+bench-learning: $(STAMP)
+	$(BIN)/python bench/learning.py $(CONFIG) --seeds $(SEEDS) $(ARGS)
+
+clean:
+	rm -rf runs .pytest_cache

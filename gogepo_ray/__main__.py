@@ -1,0 +1,3 @@
+from gogepo_ray.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,70 @@
+"""Checkpoint files: the whole learning state, written atomically, loaded without pickle.
+
+A checkpoint is a ``torch.save`` of tensors and plain Python containers only, so it loads
+with ``torch.load(weights_only=True)``: opening a checkpoint never executes code.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gogepo_ray.config import Config, ConfigError, build_config
+
+FORMAT = "gogepo-checkpoint-v1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, damaged, or belongs to another env/architecture."""
+
+
+def save(path: str | os.PathLike, *, cfg: Config, learner: dict, progress: dict) -> Path:
+    """Write to a temporary file, fsync, then rename over ``path``: a crash mid-write
+    leaves the previous checkpoint intact."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    payload = {"format": FORMAT, "config": cfg.model_dump(mode="json"), "learner": learner, "progress": progress}
+    with open(tmp, "wb") as fh:
+        torch.save(payload, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def resolve(path: str | os.PathLike) -> Path:
+    """A checkpoint file, or a run directory (its final, else latest, checkpoint)."""
+    p = Path(path)
+    if p.is_dir():
+        for name in ("final.pt", "latest.pt"):
+            for cand in (p / "checkpoints" / name, p / name):
+                if cand.is_file():
+                    return cand
+        raise CheckpointError(f"no checkpoint in {p} (looked for checkpoints/final.pt and latest.pt)")
+    if not p.is_file():
+        raise CheckpointError(f"checkpoint not found: {p}")
+    return p
+
+
+def load(path: str | os.PathLike) -> dict[str, Any]:
+    p = resolve(path)
+    try:
+        payload = torch.load(p, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError) as exc:
+        raise CheckpointError(f"{p} is not a readable checkpoint (truncated or not a gogepo checkpoint): {exc}") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"{p} is not a gogepo checkpoint (format {FORMAT!r} expected)")
+    return payload
+
+
+def config_of(payload: dict) -> Config:
+    try:
+        return build_config(payload["config"], "checkpoint config")
+    except ConfigError as exc:
+        raise CheckpointError(str(exc)) from None

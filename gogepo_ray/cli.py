@@ -1,0 +1,192 @@
+"""The ``gogepo`` command line: train, eval, sweep, export (and cluster job commands).
+
+A user's mistake (bad config, missing checkpoint, unknown env) prints one ``error:`` line
+that names the problem and exits with status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from gogepo_ray.checkpoint import CheckpointError
+from gogepo_ray.config import ConfigError
+from gogepo_ray.envs import EnvError
+
+USER_ERRORS = (ConfigError, CheckpointError, EnvError)
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a generator on a local Ray instance (or the cluster in RAY_ADDRESS)")
+    p.add_argument("config", nargs="?", help="YAML config, e.g. configs/inverted_pendulum.yaml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set generator.lr=1e-5 (repeatable)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
+    p.add_argument("--run-dir", help="run directory (default: <run.output_dir>/<env>-<time>-s<seed>)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _add_checkpoint_cmds(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="evaluate G(command) from a checkpoint")
+    p.add_argument("checkpoint", help="checkpoint file or run directory")
+    p.add_argument("--command", type=float, default=None, help="desired return (default: best training return)")
+    p.add_argument("--episodes", type=int, default=10)
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    p = sub.add_parser("sweep", help="achieved vs commanded return over the env's return range")
+    p.add_argument("checkpoint", help="checkpoint file or run directory")
+    p.add_argument("--commands", type=int, default=None, help="number of commands (default: run.sweep_commands)")
+    p.add_argument("--episodes", type=int, default=3, help="episodes per command")
+    p.add_argument("--out", default=None, help="output stem (default: <run_dir>/sweep)")
+
+    p = sub.add_parser("export", help="write G(command) as a standalone torch policy file")
+    p.add_argument("checkpoint", help="checkpoint file or run directory")
+    p.add_argument("--command", type=float, required=True, help="desired return")
+    p.add_argument("--out", required=True, help="output file, e.g. policy.pt")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gogepo", description=__doc__.splitlines()[0])
+    from gogepo_ray import __version__
+
+    parser.add_argument("--version", action="version", version=f"gogepo-ray {__version__}")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    _add_train(sub)
+    _add_checkpoint_cmds(sub)
+    return parser
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from gogepo_ray.callbacks import JsonlMetrics, MLflowTracker, ProgressBar
+    from gogepo_ray.config import load_config
+    from gogepo_ray.trainer import Trainer, resume_trainer
+
+    if args.resume and (args.config or args.overrides):
+        raise ConfigError("--resume continues a run with its own config; give no CONFIG or --set with it")
+    if not args.resume and not args.config:
+        raise ConfigError("give a CONFIG file (e.g. configs/inverted_pendulum.yaml) or --resume RUN_DIR")
+    if args.resume and not Path(args.resume).is_dir():
+        raise CheckpointError(f"run directory not found: {args.resume}")
+    cfg = None if args.resume else load_config(args.config, args.overrides)
+    tracker = None
+    callbacks: list = [ProgressBar(disable=args.no_progress), JsonlMetrics()]
+    tracking_enabled = cfg.tracking.enabled if cfg is not None else True
+    if tracking_enabled:
+        tracker = MLflowTracker(experiment=cfg.tracking.experiment if cfg is not None else "gogepo")
+        callbacks.append(tracker)
+    if args.resume:
+        trainer = resume_trainer(args.resume, callbacks=callbacks)
+    else:
+        trainer = Trainer(cfg, run_dir=args.run_dir, callbacks=callbacks)
+    print(f"run directory: {trainer.run_dir}", file=sys.stderr)
+    try:
+        trainer.run_until(trainer.cfg.run.total_env_steps)
+        summary = trainer.finish()
+    except BaseException:
+        if tracker is not None:
+            tracker.fail()
+        raise
+    finally:
+        trainer.shutdown()
+    print(json.dumps({k: v for k, v in summary.items() if k != "eval_history"}, indent=2))
+    print(f"run directory: {trainer.run_dir}  (summary.json, checkpoints/, sweep.png)", file=sys.stderr)
+    return 0
+
+
+def _local_learner(path: str):
+    from gogepo_ray import checkpoint as ckpt
+    from gogepo_ray.core.learner import Learner
+    from gogepo_ray.envs import policy_spec
+
+    payload = ckpt.load(path)
+    cfg = ckpt.config_of(payload)
+    spec = policy_spec(cfg.env.id, cfg.policy.hidden, cfg.env.kwargs)
+    learner = Learner(cfg, spec)
+    try:
+        learner.load_state_dict(payload["learner"])
+    except (KeyError, RuntimeError, ValueError) as exc:
+        raise CheckpointError(
+            f"{path}: checkpoint does not match its env/architecture ({cfg.env.id}, hidden {cfg.policy.hidden}): {exc}"
+        ) from None
+    return cfg, spec, learner
+
+
+def _rollouts(cfg, spec):
+    from gogepo_ray.rollout import Rollouts
+
+    return Rollouts(cfg.env.id, spec, env_kwargs=cfg.env.kwargs, max_episode_steps=cfg.env.max_episode_steps)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    if args.episodes < 1:
+        raise ConfigError("--episodes must be at least 1")
+    cfg, spec, learner = _local_learner(args.checkpoint)
+    command = learner.eval_command() if args.command is None else args.command
+    result = _rollouts(cfg, spec).run(learner.propose_eval([command], args.episodes))
+    out = {
+        "env_id": cfg.env.id,
+        "command": command,
+        "episodes": args.episodes,
+        "return_mean": float(result.returns.mean()),
+        "return_std": float(result.returns.std()),
+        "length_mean": float(result.lengths.mean()),
+    }
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(f"{cfg.env.id}  command {command:.1f}  ->  return {out['return_mean']:.1f} ± {out['return_std']:.1f}"
+              f"  over {args.episodes} episodes")
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from gogepo_ray import checkpoint as ckpt
+    from gogepo_ray.evaluation import SweepResult, sweep_commands
+
+    if args.episodes < 1:
+        raise ConfigError("--episodes must be at least 1")
+    cfg, spec, learner = _local_learner(args.checkpoint)
+    if args.commands is not None:
+        if args.commands < 2:
+            raise ConfigError("--commands must be at least 2")
+        cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"sweep_commands": args.commands})})
+    commands = sweep_commands(cfg)
+    result = _rollouts(cfg, spec).run(learner.propose_eval(commands, args.episodes))
+    sweep = SweepResult.from_batch(result, len(commands), args.episodes)
+    ckpt_path = ckpt.resolve(args.checkpoint)
+    run_dir = ckpt_path.parent.parent if ckpt_path.parent.name == "checkpoints" else ckpt_path.parent
+    stem = Path(args.out) if args.out else run_dir / "sweep"
+    csv_path, png_path = sweep.write(stem, cfg.env.id)
+    print(f"{'command':>10} {'achieved':>10} {'std':>8}")
+    for c, m, s in zip(sweep.commands, sweep.mean, sweep.std):
+        print(f"{c:10.1f} {m:10.1f} {s:8.1f}")
+    print(f"mean |achieved − commanded| = {sweep.mean_abs_error:.1f}")
+    print(f"wrote {csv_path} and {png_path}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from gogepo_ray.export import export_policy
+
+    _, _, learner = _local_learner(args.checkpoint)
+    path = export_policy(learner, args.command, args.out)
+    print(f"wrote {path}: G({args.command:g}) as a plain torch nn.Sequential "
+          "(load with gogepo_ray.export.load_policy, or the loader in README 'Export a policy')")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "sweep": cmd_sweep, "export": cmd_export}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.cmd](args)
+    except USER_ERRORS as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

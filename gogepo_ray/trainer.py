@@ -1,0 +1,288 @@
+"""The one GoGePo runtime: a driver that keeps every rollout worker busy and streams each
+finished episode into the learner actor as it arrives.
+
+The CLI, the RLlib ``Algorithm`` and the Ray Job entrypoint all drive this class:
+
+    trainer = Trainer(cfg)
+    trainer.run_until(cfg.run.total_env_steps)   # or in chunks, as RLlib's train() does
+    summary = trainer.finish()
+
+Per worker the driver does: result arrives -> ``learner.ingest`` (buffer + updates) ->
+``learner.propose`` (newest generator, newest obs statistics) -> ``worker.run``. The driver
+never waits for the learner: it passes the learner's result refs straight on to the
+worker, so Ray orders learner work and rollouts by their data dependencies.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import ray
+
+from gogepo_ray import checkpoint as ckpt
+from gogepo_ray.config import Config
+from gogepo_ray.distributed.actors import ensure_ray, learner_actor, rollout_actor
+from gogepo_ray.envs import policy_spec
+from gogepo_ray.evaluation import SweepResult, sweep_commands
+from gogepo_ray.types import EpisodeBatch, LearnerStats, ParamBatch
+
+
+class Callback(Protocol):
+    """Optional subscribers to a run's events (progress bar, MLflow, RLlib results)."""
+
+    def on_start(self, trainer: Trainer) -> None: ...
+    def on_train(self, trainer: Trainer, stats: LearnerStats) -> None: ...
+    def on_eval(self, trainer: Trainer, env_steps: int, mean: float, std: float) -> None: ...
+    def on_checkpoint(self, trainer: Trainer, path: Path) -> None: ...
+    def on_end(self, trainer: Trainer, summary: dict) -> None: ...
+
+
+@dataclass
+class Progress:
+    """Driver-side counters; the learner keeps its own, and checkpoints both."""
+
+    env_steps: int = 0
+    episodes: int = 0
+    eval_env_steps: int = 0
+    rollout_seconds: float = 0.0
+    wall_seconds: float = 0.0  # of earlier sessions of a resumed run
+    next_eval_at: int = 0
+    next_checkpoint_at: int = 0
+    eval_history: list[list[float]] = field(default_factory=list)  # [env_steps, mean, std]
+
+
+def default_run_dir(cfg: Config) -> Path:
+    name = cfg.run.name or f"{cfg.env.id.replace(':', '.').replace('/', '.')}-{time.strftime('%Y%m%d-%H%M%S')}-s{cfg.run.seed}"
+    return Path(cfg.run.output_dir) / name
+
+
+class Trainer:
+    def __init__(
+        self,
+        cfg: Config,
+        run_dir: str | Path | None = None,
+        callbacks: list[Any] | None = None,
+        resume: dict | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.spec = policy_spec(cfg.env.id, cfg.policy.hidden, cfg.env.kwargs)
+        self.run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
+        self.callbacks = list(callbacks or [])
+        self.progress = Progress(next_eval_at=cfg.run.eval_every, next_checkpoint_at=cfg.run.checkpoint_every)
+        learner_state = None
+        if resume is not None:
+            learner_state = resume["learner"]
+            self.progress = Progress(**resume["progress"])
+        self.latest_stats: LearnerStats | None = None
+        self.last_eval: float = float("nan")
+        ensure_ray(cfg)
+        self.learner = learner_actor(cfg, self.spec, learner_state)
+        self.workers = [rollout_actor(cfg, self.spec) for _ in range(cfg.run.workers)]
+        self._inflight: dict[ray.ObjectRef, tuple[int, ParamBatch | ray.ObjectRef, int]] = {}
+        self._stats_refs: list[ray.ObjectRef] = []
+        self._started = time.perf_counter()
+        self._finished = False
+        for cb in self.callbacks:
+            cb.on_start(self)
+
+    # ------------------------------------------------------------------ the loop
+    def _submit(self, worker: int, batch: ParamBatch | ray.ObjectRef, issued_at: int) -> None:
+        ref = self.workers[worker].run.remote(batch)
+        self._inflight[ref] = (worker, batch, issued_at)
+
+    def _next_work(self, worker: int) -> None:
+        """Give a free worker an evaluation if one is due, else new training policies."""
+        if self.progress.env_steps >= self.progress.next_eval_at and not self._eval_inflight():
+            at = self.progress.next_eval_at
+            self.progress.next_eval_at += self.cfg.run.eval_every * max(
+                1, (self.progress.env_steps - at) // self.cfg.run.eval_every + 1
+            )
+            ref = self.learner.propose_eval.remote(None, self.cfg.run.eval_episodes)
+            self._submit(worker, ref, at)
+        else:
+            self._submit(worker, self.learner.propose.remote(self.cfg.run.envs_per_worker), -1)
+
+    def _eval_inflight(self) -> bool:
+        return any(issued >= 0 for _, _, issued in self._inflight.values())
+
+    def _handle(self, result: EpisodeBatch, issued_at: int) -> None:
+        self.progress.rollout_seconds += result.rollout_seconds
+        if result.kind == "eval":
+            self.progress.eval_env_steps += int(result.lengths.sum())
+            mean, std = float(result.returns.mean()), float(result.returns.std())
+            self.progress.eval_history.append([issued_at, mean, std])
+            self.last_eval = mean
+            for cb in self.callbacks:
+                cb.on_eval(self, issued_at, mean, std)
+            return
+        ok = [f is None for f in result.failures]
+        self.progress.env_steps += int(result.lengths[ok].sum())
+        self.progress.episodes += int(sum(ok))
+        self._stats_refs.append(self.learner.ingest.remote(result))
+
+    def _drain_stats(self, block: bool = False) -> None:
+        while self._stats_refs:
+            ready, _ = ray.wait(self._stats_refs[:1], timeout=None if block else 0)
+            if not ready:
+                return
+            self._stats_refs.pop(0)
+            self.latest_stats = ray.get(ready[0])
+            for cb in self.callbacks:
+                cb.on_train(self, self.latest_stats)
+
+    def run_until(self, target_env_steps: int) -> None:
+        """Stream episodes until ``target_env_steps`` training steps have been taken.
+        Work in flight carries over to the next call."""
+        if not self._inflight:
+            for w in range(len(self.workers)):
+                self._next_work(w)
+        while self.progress.env_steps < target_env_steps:
+            ready, _ = ray.wait(list(self._inflight), num_returns=1)
+            worker, _, issued_at = self._inflight.pop(ready[0])
+            self._handle(ray.get(ready[0]), issued_at)
+            self._next_work(worker)
+            self._drain_stats()
+            if self.progress.env_steps >= self.progress.next_checkpoint_at:
+                self.progress.next_checkpoint_at += self.cfg.run.checkpoint_every
+                self.save_checkpoint()
+        self._drain_stats()
+
+    # ------------------------------------------------------------------ end of a run
+    def _drain_inflight(self) -> None:
+        """Finish every episode still running, so counters and buffer agree."""
+        while self._inflight:
+            ready, _ = ray.wait(list(self._inflight), num_returns=1)
+            _, _, issued_at = self._inflight.pop(ready[0])
+            self._handle(ray.get(ready[0]), issued_at)
+        self._drain_stats(block=True)
+
+    def run_batch(self, batch: ParamBatch) -> EpisodeBatch:
+        """Run one (evaluation) ParamBatch spread over all workers; results in order."""
+        n = len(batch.episode_ids)
+        parts = np.array_split(np.arange(n), min(len(self.workers), n))
+        refs = [
+            self.workers[i].run.remote(
+                ParamBatch(
+                    batch.kind,
+                    batch.episode_ids[idx],
+                    batch.seeds[idx],
+                    batch.commands[idx],
+                    batch.policy_params[idx],
+                    batch.obs_mean,
+                    batch.obs_std,
+                )
+            )
+            for i, idx in enumerate(parts)
+        ]
+        results = ray.get(refs)
+        self.progress.eval_env_steps += int(sum(r.lengths.sum() for r in results))
+        self.progress.rollout_seconds += sum(r.rollout_seconds for r in results)
+        return EpisodeBatch(
+            kind=batch.kind,
+            episode_ids=np.concatenate([r.episode_ids for r in results]),
+            commands=np.concatenate([r.commands for r in results]),
+            policy_params=np.concatenate([r.policy_params for r in results]),
+            returns=np.concatenate([r.returns for r in results]),
+            lengths=np.concatenate([r.lengths for r in results]),
+            failures=tuple(f for r in results for f in r.failures),
+            obs_count=0,
+            obs_mean=results[0].obs_mean,
+            obs_m2=results[0].obs_m2,
+            rollout_seconds=sum(r.rollout_seconds for r in results),
+        )
+
+    def evaluate(self, commands: list[float] | None = None, episodes: int | None = None) -> EpisodeBatch:
+        """Noise-free policies for ``commands`` (default: the best return so far)."""
+        eps = episodes or self.cfg.run.eval_episodes
+        return self.run_batch(ray.get(self.learner.propose_eval.remote(commands, eps)))
+
+    def sweep(self, episodes: int = 1) -> SweepResult:
+        commands = sweep_commands(self.cfg)
+        result = self.evaluate(commands, episodes)
+        return SweepResult.from_batch(result, len(commands), episodes)
+
+    def finish(self) -> dict:
+        """Drain, final evaluation, final checkpoint, command sweep, summary.json."""
+        if self._finished:
+            return json.loads((self.run_dir / "summary.json").read_text())
+        self._drain_inflight()
+        final = self.evaluate()
+        final_mean = float(final.returns.mean())
+        self.progress.eval_history.append([self.progress.env_steps, final_mean, float(final.returns.std())])
+        self.last_eval = final_mean
+        for cb in self.callbacks:
+            cb.on_eval(self, self.progress.env_steps, final_mean, float(final.returns.std()))
+        self.latest_stats = ray.get(self.learner.stats.remote())
+        self.save_checkpoint(final=True)
+        if self.cfg.run.sweep_at_end:
+            sweep = self.sweep()
+            sweep.write(self.run_dir / "sweep", self.cfg.env.id)
+        summary = self.summary(final_eval=final_mean)
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        self._finished = True
+        for cb in self.callbacks:
+            cb.on_end(self, summary)
+        return summary
+
+    def summary(self, final_eval: float | None = None) -> dict:
+        stats = self.latest_stats
+        p = self.progress
+        learner_seconds = stats.learner_seconds if stats else 0.0
+        return {
+            "env_id": self.cfg.env.id,
+            "seed": self.cfg.run.seed,
+            "workers": self.cfg.run.workers,
+            "env_steps": p.env_steps,
+            "episodes": p.episodes,
+            "failed_episodes": stats.failed_episodes if stats else 0,
+            "eval_env_steps": p.eval_env_steps,
+            "best_train_return": stats.best_return if stats else None,
+            "eval_history": [[int(s), m] for s, m, _ in p.eval_history],
+            "final_eval_return": final_eval if final_eval is not None else self.last_eval,
+            "wall_seconds": self.wall_seconds,
+            "learner_seconds": learner_seconds,
+            "learner_seconds_per_episode": learner_seconds / max(1, p.episodes),
+            "rollout_seconds": p.rollout_seconds,
+            "run_dir": str(self.run_dir),
+        }
+
+    @property
+    def wall_seconds(self) -> float:
+        return self.progress.wall_seconds + (time.perf_counter() - self._started)
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, final: bool = False) -> Path:
+        """The whole learning state plus driver counters, written atomically."""
+        learner_state = ray.get(self.learner.state_dict.remote())
+        progress = self.progress.__dict__ | {"wall_seconds": self.wall_seconds}
+        path = ckpt.save(
+            self.run_dir / "checkpoints" / ("final.pt" if final else "latest.pt"),
+            cfg=self.cfg,
+            learner=learner_state,
+            progress=progress,
+        )
+        if final:  # keep latest.pt in step with the end state, for --resume
+            ckpt.save(self.run_dir / "checkpoints" / "latest.pt", cfg=self.cfg, learner=learner_state, progress=progress)
+        for cb in self.callbacks:
+            cb.on_checkpoint(self, path)
+        return path
+
+    def shutdown(self) -> None:
+        for actor in [self.learner, *self.workers]:
+            ray.kill(actor)
+        self.workers = []
+
+
+def resume_trainer(run_dir: str | Path, callbacks: list[Any] | None = None) -> Trainer:
+    """A Trainer that continues the run in ``run_dir`` from its latest checkpoint."""
+    run_dir = Path(run_dir)
+    path = run_dir / "checkpoints" / "latest.pt"
+    payload = ckpt.load(path)
+    return Trainer(ckpt.config_of(payload), run_dir=run_dir, callbacks=callbacks, resume=payload)
