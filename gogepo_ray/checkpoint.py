@@ -23,15 +23,26 @@ class CheckpointError(ValueError):
     """A checkpoint is missing, damaged, or belongs to another env/architecture."""
 
 
-def save(path: str | os.PathLike, *, cfg: Config, learner: dict, progress: dict) -> Path:
+def payload(*, cfg: Config, learner: dict, progress: dict, inflight: list[dict] | None = None) -> dict:
+    """A checkpoint's content: config, the learner's whole state, the driver's counters,
+    and the policies handed to workers whose episodes had not finished."""
+    return {
+        "format": FORMAT,
+        "config": cfg.model_dump(mode="json"),
+        "learner": learner,
+        "progress": progress,
+        "inflight": inflight or [],
+    }
+
+
+def save(path: str | os.PathLike, state: dict) -> Path:
     """Write to a temporary file, fsync, then rename over ``path``: a crash mid-write
     leaves the previous checkpoint intact."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    payload = {"format": FORMAT, "config": cfg.model_dump(mode="json"), "learner": learner, "progress": progress}
     with open(tmp, "wb") as fh:
-        torch.save(payload, fh)
+        torch.save(state, fh)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
@@ -56,7 +67,7 @@ def load(path: str | os.PathLike) -> dict[str, Any]:
     p = resolve(path)
     try:
         payload = torch.load(p, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError) as exc:
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError, KeyError) as exc:
         raise CheckpointError(f"{p} is not a readable checkpoint (truncated or not a gogepo checkpoint): {exc}") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{p} is not a gogepo checkpoint (format {FORMAT!r} expected)")

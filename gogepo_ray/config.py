@@ -8,6 +8,7 @@ one message that names the field.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -38,18 +39,16 @@ class EnvConfig(_Section):
     max_episode_steps: int | None = Field(default=None, ge=1)
     """Episode step limit; None keeps the env's own."""
 
-    @field_validator("id")
-    @classmethod
-    def _env_exists(cls, value: str) -> str:
-        from gogepo_ray.envs import check_env_id
-
-        check_env_id(value)
-        return value
-
     @model_validator(mode="after")
-    def _range(self) -> EnvConfig:
+    def _check(self) -> EnvConfig:
+        from gogepo_ray.envs import EnvError, check_env_id
+
         if self.return_max <= self.return_min:
             raise ValueError("return_max must be greater than return_min")
+        try:
+            check_env_id(self.id, self.kwargs)
+        except EnvError as exc:
+            raise ValueError(f"env.id {self.id!r}: {exc}") from None
         return self
 
 
@@ -153,6 +152,10 @@ class RunConfig(_Section):
     """Commands in the final command sweep, spread over [return_min, return_max]."""
     sweep_at_end: bool = True
     """Run the command sweep once training ends and record it with the run."""
+    max_worker_restarts: int = Field(default=20, ge=0)
+    """Dead rollout workers replaced (their episodes re-issued) before the run fails."""
+    max_consecutive_failures: int = Field(default=200, ge=1)
+    """Training episodes failing in a row (env errors, non-finite values) before the run stops with an error."""
 
 
 class TrackingConfig(_Section):
@@ -202,6 +205,8 @@ def _format_error(err: ValidationError, source: str) -> str:
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
+        elif e["type"] == "value_error" and "error" in e.get("ctx", {}):
+            msg = str(e["ctx"]["error"])
         lines.append(f"  {loc}: {msg}")
     return "\n".join(lines)
 
@@ -261,3 +266,25 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         data = loaded
     data = apply_overrides(data, overrides or [])
     return build_config(data, source)
+
+
+def reference_markdown() -> str:
+    """The config reference table of the README, generated from the models' docstrings."""
+    lines = ["| key | default | meaning |", "| --- | --- | --- |"]
+    for section_name, section_field in Config.model_fields.items():
+        model = section_field.annotation
+        for name, field in model.model_fields.items():
+            if field.default_factory is not None:
+                default = field.default_factory()
+            else:
+                default = field.default
+            if section_name == "run" and name == "workers":
+                default = "CPUs − 1"
+            shown = default if isinstance(default, str) else json.dumps(default)
+            desc = " ".join((field.description or "").split())
+            lines.append(f"| `{section_name}.{name}` | `{shown}` | {desc} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(reference_markdown())

@@ -64,7 +64,12 @@ def env_dims(env: gym.Env) -> tuple[int, int, tuple[float, ...], tuple[float, ..
 
 @lru_cache(maxsize=64)
 def _dims_of(env_id: str, kwargs_items: tuple) -> tuple:
-    env = make_env(env_id, dict(kwargs_items))
+    try:
+        env = make_env(env_id, dict(kwargs_items))
+    except EnvError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a user env failing in its constructor
+        raise EnvError(f"env {env_id!r} could not be constructed: {type(exc).__name__}: {exc}") from None
     try:
         return env_dims(env)
     finally:
@@ -73,7 +78,12 @@ def _dims_of(env_id: str, kwargs_items: tuple) -> tuple:
 
 def check_env_id(env_id: str, kwargs: dict[str, Any] | None = None) -> tuple:
     """Validate that an env exists and has 1-D Box spaces (cached per id)."""
-    return _dims_of(env_id, tuple(sorted((kwargs or {}).items())))
+    try:
+        key = tuple(sorted((kwargs or {}).items()))
+        hash(key)
+    except TypeError:  # unhashable kwargs (nested lists/dicts): check without the cache
+        return _dims_of.__wrapped__(env_id, tuple(sorted((kwargs or {}).items())))
+    return _dims_of(env_id, key)
 
 
 def policy_spec(env_id: str, hidden: list[int] | tuple[int, ...], kwargs: dict[str, Any] | None = None) -> PolicySpec:

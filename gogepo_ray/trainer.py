@@ -16,6 +16,7 @@ worker, so Ray orders learner work and rollouts by their data dependencies.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,11 +24,13 @@ from typing import Any, Protocol
 
 import numpy as np
 import ray
+import torch
 
 from gogepo_ray import checkpoint as ckpt
 from gogepo_ray.config import Config
 from gogepo_ray.distributed.actors import ensure_ray, learner_actor, rollout_actor
 from gogepo_ray.envs import policy_spec
+from gogepo_ray.errors import TrainingError
 from gogepo_ray.evaluation import SweepResult, sweep_commands
 from gogepo_ray.types import EpisodeBatch, LearnerStats, ParamBatch
 
@@ -53,6 +56,8 @@ class Progress:
     wall_seconds: float = 0.0  # of earlier sessions of a resumed run
     next_eval_at: int = 0
     next_checkpoint_at: int = 0
+    worker_restarts: int = 0
+    failed_episodes: int = 0
     eval_history: list[list[float]] = field(default_factory=list)  # [env_steps, mean, std]
 
 
@@ -77,9 +82,11 @@ class Trainer:
         self.callbacks = list(callbacks or [])
         self.progress = Progress(next_eval_at=cfg.run.eval_every, next_checkpoint_at=cfg.run.checkpoint_every)
         learner_state = None
+        self._resume_batches: list[tuple[ParamBatch, int]] = []
         if resume is not None:
             learner_state = resume["learner"]
             self.progress = Progress(**resume["progress"])
+            self._resume_batches = [(_batch_from_state(b), int(b["issued_at"])) for b in resume.get("inflight", [])]
         self.latest_stats: LearnerStats | None = None
         self.last_eval: float = float("nan")
         ensure_ray(cfg)
@@ -87,6 +94,8 @@ class Trainer:
         self.workers = [rollout_actor(cfg, self.spec) for _ in range(cfg.run.workers)]
         self._inflight: dict[ray.ObjectRef, tuple[int, ParamBatch | ray.ObjectRef, int]] = {}
         self._stats_refs: list[ray.ObjectRef] = []
+        self._consecutive_failures = 0
+        self._failure_log = open(self.run_dir / "failures.jsonl", "a")
         self._started = time.perf_counter()
         self._finished = False
         for cb in self.callbacks:
@@ -114,18 +123,63 @@ class Trainer:
 
     def _handle(self, result: EpisodeBatch, issued_at: int) -> None:
         self.progress.rollout_seconds += result.rollout_seconds
+        failed = [i for i, f in enumerate(result.failures) if f is not None]
+        self._log_failures(result, failed)
         if result.kind == "eval":
             self.progress.eval_env_steps += int(result.lengths.sum())
-            mean, std = float(result.returns.mean()), float(result.returns.std())
+            ok = np.array([f is None for f in result.failures])
+            returns = result.returns[ok]
+            mean = float(returns.mean()) if len(returns) else float("nan")
+            std = float(returns.std()) if len(returns) else float("nan")
             self.progress.eval_history.append([issued_at, mean, std])
             self.last_eval = mean
             for cb in self.callbacks:
                 cb.on_eval(self, issued_at, mean, std)
             return
-        ok = [f is None for f in result.failures]
+        ok = np.array([f is None for f in result.failures])
         self.progress.env_steps += int(result.lengths[ok].sum())
-        self.progress.episodes += int(sum(ok))
+        self.progress.episodes += int(ok.sum())
+        self.progress.failed_episodes += len(failed)
+        self._consecutive_failures = 0 if ok.any() else self._consecutive_failures + len(failed)
+        if self._consecutive_failures >= self.cfg.run.max_consecutive_failures:
+            reasons = sorted({result.failures[i] for i in failed})
+            raise TrainingError(
+                f"the last {self._consecutive_failures} training episodes all failed "
+                f"(run.max_consecutive_failures={self.cfg.run.max_consecutive_failures}); reasons: {'; '.join(reasons)}. "
+                f"Details in {self.run_dir / 'failures.jsonl'}"
+            )
         self._stats_refs.append(self.learner.ingest.remote(result))
+
+    def _log_failures(self, result: EpisodeBatch, failed: list[int]) -> None:
+        for i in failed:
+            row = {"kind": result.kind, "episode_id": int(result.episode_ids[i]), "command": float(result.commands[i]),
+                   "length": int(result.lengths[i]), "reason": result.failures[i]}
+            self._failure_log.write(json.dumps(row) + "\n")
+        if failed:
+            self._failure_log.flush()
+            if self.progress.failed_episodes == 0 or self._consecutive_failures == 0:
+                print(f"warning: {len(failed)} {result.kind} episode(s) dropped: {result.failures[failed[0]]} "
+                      f"(all failures: {self.run_dir / 'failures.jsonl'})", file=sys.stderr)
+
+    def _collect(self, ref: ray.ObjectRef) -> tuple[int, EpisodeBatch | None, int]:
+        """The result of a finished rollout task. A worker that died is replaced and the
+        same batch (same episode ids and seeds) is issued again, so no episode is lost or
+        counted twice."""
+        worker, batch, issued_at = self._inflight.pop(ref)
+        try:
+            return worker, ray.get(ref), issued_at
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
+            self.progress.worker_restarts += 1
+            if self.progress.worker_restarts > self.cfg.run.max_worker_restarts:
+                raise TrainingError(
+                    f"rollout workers died {self.progress.worker_restarts} times "
+                    f"(run.max_worker_restarts={self.cfg.run.max_worker_restarts}); last: {exc}"
+                ) from None
+            print(f"warning: rollout worker {worker} died ({type(exc).__name__}); replacing it and "
+                  f"re-issuing its episodes", file=sys.stderr)
+            self.workers[worker] = rollout_actor(self.cfg, self.spec)
+            self._submit(worker, batch, issued_at)
+            return worker, None, issued_at
 
     def _drain_stats(self, block: bool = False) -> None:
         while self._stats_refs:
@@ -142,11 +196,16 @@ class Trainer:
         Work in flight carries over to the next call."""
         if not self._inflight:
             for w in range(len(self.workers)):
-                self._next_work(w)
+                if self._resume_batches:
+                    self._submit(w, *self._resume_batches.pop(0))
+                else:
+                    self._next_work(w)
         while self.progress.env_steps < target_env_steps:
             ready, _ = ray.wait(list(self._inflight), num_returns=1)
-            worker, _, issued_at = self._inflight.pop(ready[0])
-            self._handle(ray.get(ready[0]), issued_at)
+            worker, result, issued_at = self._collect(ready[0])
+            if result is None:
+                continue
+            self._handle(result, issued_at)
             self._next_work(worker)
             self._drain_stats()
             if self.progress.env_steps >= self.progress.next_checkpoint_at:
@@ -159,8 +218,9 @@ class Trainer:
         """Finish every episode still running, so counters and buffer agree."""
         while self._inflight:
             ready, _ = ray.wait(list(self._inflight), num_returns=1)
-            _, _, issued_at = self._inflight.pop(ready[0])
-            self._handle(ray.get(ready[0]), issued_at)
+            _, result, issued_at = self._collect(ready[0])
+            if result is not None:
+                self._handle(result, issued_at)
         self._drain_stats(block=True)
 
     def run_batch(self, batch: ParamBatch) -> EpisodeBatch:
@@ -182,8 +242,6 @@ class Trainer:
             for i, idx in enumerate(parts)
         ]
         results = ray.get(refs)
-        self.progress.eval_env_steps += int(sum(r.lengths.sum() for r in results))
-        self.progress.rollout_seconds += sum(r.rollout_seconds for r in results)
         return EpisodeBatch(
             kind=batch.kind,
             episode_ids=np.concatenate([r.episode_ids for r in results]),
@@ -206,6 +264,8 @@ class Trainer:
     def sweep(self, episodes: int = 1) -> SweepResult:
         commands = sweep_commands(self.cfg)
         result = self.evaluate(commands, episodes)
+        self.progress.eval_env_steps += int(result.lengths.sum())
+        self.progress.rollout_seconds += result.rollout_seconds
         return SweepResult.from_batch(result, len(commands), episodes)
 
     def finish(self) -> dict:
@@ -213,12 +273,8 @@ class Trainer:
         if self._finished:
             return json.loads((self.run_dir / "summary.json").read_text())
         self._drain_inflight()
-        final = self.evaluate()
-        final_mean = float(final.returns.mean())
-        self.progress.eval_history.append([self.progress.env_steps, final_mean, float(final.returns.std())])
-        self.last_eval = final_mean
-        for cb in self.callbacks:
-            cb.on_eval(self, self.progress.env_steps, final_mean, float(final.returns.std()))
+        self._handle(self.evaluate(), self.progress.env_steps)
+        final_mean = self.last_eval
         self.latest_stats = ray.get(self.learner.stats.remote())
         self.save_checkpoint(final=True)
         if self.cfg.run.sweep_at_end:
@@ -241,7 +297,8 @@ class Trainer:
             "workers": self.cfg.run.workers,
             "env_steps": p.env_steps,
             "episodes": p.episodes,
-            "failed_episodes": stats.failed_episodes if stats else 0,
+            "failed_episodes": p.failed_episodes,
+            "worker_restarts": p.worker_restarts,
             "eval_env_steps": p.eval_env_steps,
             "best_train_return": stats.best_return if stats else None,
             "eval_history": [[int(s), m] for s, m, _ in p.eval_history],
@@ -258,18 +315,26 @@ class Trainer:
         return self.progress.wall_seconds + (time.perf_counter() - self._started)
 
     # ------------------------------------------------------------------ checkpoints
-    def save_checkpoint(self, final: bool = False) -> Path:
-        """The whole learning state plus driver counters, written atomically."""
+    def state(self) -> dict:
+        """The whole run state as a checkpoint payload (tensors and plain values only)."""
         learner_state = ray.get(self.learner.state_dict.remote())
         progress = self.progress.__dict__ | {"wall_seconds": self.wall_seconds}
-        path = ckpt.save(
-            self.run_dir / "checkpoints" / ("final.pt" if final else "latest.pt"),
-            cfg=self.cfg,
-            learner=learner_state,
-            progress=progress,
-        )
-        if final:  # keep latest.pt in step with the end state, for --resume
-            ckpt.save(self.run_dir / "checkpoints" / "latest.pt", cfg=self.cfg, learner=learner_state, progress=progress)
+        # Policies handed out but not finished yet are part of the state: a resumed run
+        # issues exactly these again instead of drawing new ones.
+        inflight = [
+            _batch_to_state(ray.get(batch) if isinstance(batch, ray.ObjectRef) else batch, issued_at)
+            for _, batch, issued_at in sorted(self._inflight.values(), key=lambda v: v[0])
+        ]
+        inflight += [_batch_to_state(b, at) for b, at in self._resume_batches]
+        return ckpt.payload(cfg=self.cfg, learner=learner_state, progress=progress, inflight=inflight)
+
+    def save_checkpoint(self, final: bool = False) -> Path:
+        """Write the run state atomically to checkpoints/latest.pt (and final.pt at the end)."""
+        state = self.state()
+        directory = self.run_dir / "checkpoints"
+        path = ckpt.save(directory / "latest.pt", state)
+        if final:
+            path = ckpt.save(directory / "final.pt", state)
         for cb in self.callbacks:
             cb.on_checkpoint(self, path)
         return path
@@ -278,6 +343,16 @@ class Trainer:
         for actor in [self.learner, *self.workers]:
             ray.kill(actor)
         self.workers = []
+        self._failure_log.close()
+
+
+def _batch_to_state(batch: ParamBatch, issued_at: int) -> dict:
+    d = {k: torch.from_numpy(np.asarray(v)) for k, v in batch._asdict().items() if k != "kind"}
+    return d | {"kind": batch.kind, "issued_at": int(issued_at)}
+
+
+def _batch_from_state(d: dict) -> ParamBatch:
+    return ParamBatch(kind=d["kind"], **{k: d[k].numpy() for k in ParamBatch._fields if k != "kind"})
 
 
 def resume_trainer(run_dir: str | Path, callbacks: list[Any] | None = None) -> Trainer:

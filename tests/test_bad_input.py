@@ -1,0 +1,137 @@
+"""A user's mistakes: one clear `error:` line naming the problem, a non-zero exit, no
+traceback, and no Ray cluster started. Checkpoints load without executing pickled code,
+and a crash while writing one leaves the previous one intact."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from gogepo_ray import checkpoint as ckpt
+from gogepo_ray.config import load_config
+from gogepo_ray.core.learner import Learner
+from gogepo_ray.envs import policy_spec
+from tests.conftest import ROOT, TINY
+
+IP = str(ROOT / "configs" / "inverted_pendulum.yaml")
+
+
+def gogepo(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "gogepo_ray", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=120, env=os.environ | {"PYTHONPATH": str(ROOT)})
+
+
+def assert_user_error(res: subprocess.CompletedProcess, *needles: str) -> None:
+    assert res.returncode == 2, (res.returncode, res.stderr[-2000:])
+    assert res.stderr.startswith("error:") or "\nerror:" in res.stderr, res.stderr
+    for needle in needles:
+        assert needle in res.stderr, (needle, res.stderr)
+    assert "Traceback" not in res.stderr
+    assert "Ray" not in res.stderr  # rejected before any cluster started
+
+
+@pytest.mark.parametrize(
+    ("override", "needles"),
+    [
+        ("generator.lrr=1e-5", ["generator.lrr", "unknown key"]),
+        ("run.workers=-1", ["run.workers", "greater than or equal to 1"]),
+        ("run.workers=two", ["run.workers", "integer"]),
+        ("generator.batch_size=0", ["generator.batch_size"]),
+        ("critic.lr=0", ["critic.lr", "greater than 0"]),
+        ("generator.lr=-1e-6", ["generator.lr"]),
+        ("env.id=NoSuchEnv-v9", ["env.id 'NoSuchEnv-v9'", "unknown env id"]),
+        ("env.id=CartPole-v1", ["env.id 'CartPole-v1'", "action space must be a Box, got Discrete"]),
+        ("env.id=tests.fault_envs:Missing", ["has no attribute 'Missing'"]),
+        ("env.return_max=-500", ["return_max must be greater than return_min"]),
+        ("nonsense", ["must look like section.key=value"]),
+    ],
+)
+def test_bad_config_values(override, needles, tmp_path):
+    assert_user_error(gogepo("train", IP, "--set", override, cwd=tmp_path), *needles)
+
+
+def test_dict_observation_space_is_rejected(tmp_path):
+    (tmp_path / "dict_env.py").write_text(
+        "import gymnasium as gym, numpy as np\n"
+        "class DictEnv(gym.Env):\n"
+        "    observation_space = gym.spaces.Dict({'a': gym.spaces.Box(-1, 1, (2,))})\n"
+        "    action_space = gym.spaces.Box(-1, 1, (1,))\n"
+    )
+    res = subprocess.run([sys.executable, "-m", "gogepo_ray", "train", IP, "--set", "env.id=dict_env:DictEnv"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                         env=os.environ | {"PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"})
+    assert_user_error(res, "observation space must be a Box, got Dict")
+
+
+def test_malformed_yaml_and_missing_config(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("env:\n  id: Hopper-v5\n   return_max: [1,\n")
+    assert_user_error(gogepo("train", str(bad), cwd=tmp_path), "bad.yaml is not valid YAML")
+    assert_user_error(gogepo("train", str(tmp_path / "nope.yaml"), cwd=tmp_path), "config file not found")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    assert_user_error(gogepo("train", str(tmp_path / "list.yaml"), cwd=tmp_path), "must hold a mapping")
+
+
+@pytest.fixture(scope="module")
+def small_checkpoint(tmp_path_factory) -> Path:
+    """A real checkpoint written by the Learner (no Ray needed)."""
+    out = tmp_path_factory.mktemp("ck")
+    cfg = load_config(IP, TINY)
+    learner = Learner(cfg, policy_spec(cfg.env.id, cfg.policy.hidden))
+    state = ckpt.payload(cfg=cfg, learner=learner.state_dict(), progress={"env_steps": 0})
+    return ckpt.save(out / "checkpoints" / "final.pt", state)
+
+
+def test_checkpoint_errors(small_checkpoint, tmp_path):
+    assert_user_error(gogepo("eval", str(tmp_path / "missing.pt"), cwd=tmp_path), "checkpoint not found")
+    assert_user_error(gogepo("eval", str(tmp_path), cwd=tmp_path), "no checkpoint in")
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(small_checkpoint.read_bytes()[:5000])
+    assert_user_error(gogepo("eval", str(truncated), cwd=tmp_path), "not a readable checkpoint")
+    # a checkpoint whose weights belong to another architecture than its config says
+    payload = ckpt.load(small_checkpoint)
+    payload["config"]["policy"]["hidden"] = [24, 24]
+    other = ckpt.save(tmp_path / "other.pt", payload)
+    assert_user_error(gogepo("export", str(other), "--command", "1", "--out", str(tmp_path / "p.pt"), cwd=tmp_path),
+                      "does not match its env/architecture")
+    # and one for another env
+    payload = ckpt.load(small_checkpoint)
+    payload["config"]["env"]["id"] = "Hopper-v5"
+    other_env = ckpt.save(tmp_path / "hopper.pt", payload)
+    assert_user_error(gogepo("eval", str(other_env), cwd=tmp_path), "does not match its env/architecture")
+    assert_user_error(gogepo("train", "--resume", str(tmp_path / "no-such-run"), cwd=tmp_path),
+                      "run directory not found")
+
+
+def test_checkpoint_with_pickled_code_is_refused(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned > " + str(tmp_path / "pwned"),))
+
+    path = tmp_path / "evil.pt"
+    torch.save({"format": ckpt.FORMAT, "x": Evil()}, path)
+    with pytest.raises(ckpt.CheckpointError, match="not a readable checkpoint"):
+        ckpt.load(path)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_crash_while_writing_keeps_the_previous_checkpoint(small_checkpoint, tmp_path, monkeypatch):
+    target = tmp_path / "latest.pt"
+    good = ckpt.load(small_checkpoint)
+    ckpt.save(target, good)
+
+    def crash(obj, fh, *a, **k):
+        fh.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError):
+        ckpt.save(target, good)
+    monkeypatch.undo()
+    again = ckpt.load(target)
+    assert torch.equal(again["learner"]["generator"]["embeddings.0"], good["learner"]["generator"]["embeddings.0"])

@@ -1,0 +1,164 @@
+"""End to end on a real local Ray and real MuJoCo: a short InvertedPendulum-v5 run with
+2 workers, then eval / sweep / export on its checkpoint, as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from gogepo_ray import checkpoint as ckpt
+from gogepo_ray.callbacks import JsonlMetrics, MLflowTracker
+from gogepo_ray.config import load_config
+from gogepo_ray.core.learner import Learner
+from gogepo_ray.core.policy import policy_actions
+from gogepo_ray.envs import policy_spec
+from gogepo_ray.export import load_policy
+from gogepo_ray.trainer import Trainer
+
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parents[1]
+IP = str(ROOT / "configs" / "inverted_pendulum.yaml")
+
+# Smaller networks than the reference so that a CI run learns in about a minute; the
+# method, runtime and all code paths are the same ones `gogepo train` uses.
+FAST = [
+    "policy.hidden=[32,32]",
+    "generator.hidden=[64,64]",
+    "generator.tile=8",
+    "generator.lr=2e-4",
+    "critic.hidden=[64,64]",
+    "critic.probing_states=50",
+    "critic.lr=3e-3",
+    "run.workers=2",
+    "run.sweep_commands=5",
+]
+TRAIN_STEPS = 6000
+
+
+def cli(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "gogepo_ray", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.fixture(scope="module")
+def trained(ray_session, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ip")
+    cfg = load_config(
+        IP,
+        [*FAST, f"run.total_env_steps={TRAIN_STEPS}", "run.eval_every=1000", f"run.output_dir={out}",
+         "run.checkpoint_every=2000"],
+    )
+    uri = f"sqlite:///{out / 'mlflow.db'}"
+    tracker = MLflowTracker(tracking_uri=uri, experiment="e2e")
+    trainer = Trainer(cfg, callbacks=[JsonlMetrics(), tracker])
+    try:
+        trainer.run_until(cfg.run.total_env_steps)
+        summary = trainer.finish()
+    finally:
+        trainer.shutdown()
+    return {"summary": summary, "run_dir": Path(summary["run_dir"]), "uri": uri, "run_id": tracker.run_id}
+
+
+def test_eval_return_clearly_improves(trained):
+    s = trained["summary"]
+    history = [m for _, m in s["eval_history"]]
+    first, best_late = history[0], max(history[len(history) // 2 :])
+    assert len(history) >= 5
+    assert best_late >= first + 100 and best_late >= 3 * first, history
+
+
+def test_summary_and_counters(trained):
+    s = trained["summary"]
+    for key in ["env_id", "seed", "workers", "env_steps", "episodes", "eval_env_steps", "best_train_return",
+                "eval_history", "final_eval_return", "wall_seconds", "learner_seconds", "rollout_seconds"]:
+        assert key in s, key
+    assert s["workers"] == 2 and s["env_steps"] >= TRAIN_STEPS and s["eval_env_steps"] > 0
+    payload = ckpt.load(trained["run_dir"])
+    learner = payload["learner"]
+    # Every ingested episode is in the buffer, and the driver's count agrees with the learner's.
+    assert learner["counters"]["episodes"] == s["episodes"] == learner["buffer"]["total_added"]
+    assert learner["counters"]["env_steps"] == s["env_steps"]
+
+
+def test_mlflow_run_recorded(trained):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=trained["uri"])
+    run = client.get_run(trained["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["env.id"] == "InvertedPendulum-v5"
+    assert run.data.params["generator.lr"] == "0.0002"
+    assert "eval/return_mean" in run.data.metrics and "losses/critic" in run.data.metrics
+    evals = client.get_metric_history(run.info.run_id, "eval/return_mean")
+    assert [m.step for m in evals] == sorted(m.step for m in evals) and len(evals) >= 5
+    names = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "summary.json", "sweep.csv", "sweep.png", "learning_curve.png"} <= names
+
+
+def test_cli_eval_sweep_export(trained, tmp_path):
+    run_dir = trained["run_dir"]
+    res = cli("eval", str(run_dir), "--command", "500", "--episodes", "3", "--json", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert out["episodes"] == 3 and out["command"] == 500 and out["return_mean"] > 0
+
+    res = cli("sweep", str(run_dir / "checkpoints" / "final.pt"), "--commands", "4", "--episodes", "1",
+              "--out", str(tmp_path / "sw"), cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    rows = (tmp_path / "sw.csv").read_text().strip().splitlines()
+    assert rows[0].startswith("command,achieved_mean") and len(rows) == 5
+    assert (tmp_path / "sw.png").stat().st_size > 1000
+
+    res = cli("export", str(run_dir), "--command", "800", "--out", str(tmp_path / "policy.pt"), cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "policy.pt").is_file()
+
+
+def test_exported_policy_reproduces_generator(trained, tmp_path):
+    from gogepo_ray.export import export_policy
+
+    payload = ckpt.load(trained["run_dir"])
+    cfg = ckpt.config_of(payload)
+    spec = policy_spec(cfg.env.id, cfg.policy.hidden)
+    learner = Learner(cfg, spec)
+    learner.load_state_dict(payload["learner"])
+    path = export_policy(learner, 700.0, tmp_path / "p.pt")
+    policy = load_policy(path)  # plain nn.Sequential
+    batch = learner.propose_eval([700.0])
+    obs = torch.randn(64, spec.obs_dim, dtype=torch.float32) * 0.3
+    normed = (obs - torch.from_numpy(batch.obs_mean)) / torch.from_numpy(batch.obs_std)
+    expected = policy_actions(spec, torch.from_numpy(batch.policy_params), normed.unsqueeze(0))[0]
+    with torch.no_grad():
+        got = policy(obs)
+    assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
+    # and it loads with torch alone, without gogepo's loader
+    blob = torch.load(path, weights_only=True)
+    assert blob["layer_sizes"] == [spec.obs_dim, 32, 32, spec.act_dim]
+
+
+def test_cli_train_as_a_user(tmp_path):
+    """`gogepo train` in a subprocess: progress, run directory, summary.json, MLflow db."""
+    res = cli(
+        "train", IP, *[a for o in FAST for a in ("--set", o)],
+        "--set", "run.total_env_steps=300", "--set", "run.eval_every=150", "--set", f"run.output_dir={tmp_path / 'runs'}",
+        cwd=tmp_path, timeout=400,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "run directory:" in res.stderr
+    summary = json.loads(res.stdout[res.stdout.index("{"):])
+    run_dir = Path(summary["run_dir"])
+    run_dir = run_dir if run_dir.is_absolute() else tmp_path / run_dir
+    assert json.loads((run_dir / "summary.json").read_text())["env_steps"] >= 300
+    assert (run_dir / "checkpoints" / "final.pt").is_file()
+    assert (tmp_path / "runs" / "mlflow.db").is_file()
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert any("eval/return_mean" in row for row in lines)
+    assert np.isfinite(summary["final_eval_return"])
