@@ -23,11 +23,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import queue
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from gogepo_ray.types import LearnerStats
 
@@ -146,36 +148,70 @@ def git_commit() -> str | None:
 class MLflowTracker:
     """One MLflow run per training run: params, metrics by env step, tags, artifacts.
 
-    A tracking failure never stops training: it is reported once on stderr, and the
-    metrics stay in ``metrics.jsonl`` in the run directory.
+    Every MLflow call runs on a background thread from a bounded queue, so training never
+    waits on the tracking server. If the server goes away, the failure is reported once on
+    stderr, the calls are retried every ``retry_seconds``, and the backlog is written when
+    the server returns. Whatever cannot be written by the end of the run is still in
+    ``metrics.jsonl`` in the run directory, and the user is told so.
     """
 
-    def __init__(self, tracking_uri: str | None = None, experiment: str = "gogepo", parent_run_id: str | None = None,
-                 every_seconds: float = 1.0) -> None:
+    def __init__(
+        self,
+        tracking_uri: str | None = None,
+        experiment: str = "gogepo",
+        parent_run_id: str | None = None,
+        every_seconds: float = 1.0,
+        retry_seconds: float = 5.0,
+        end_timeout: float = 60.0,
+        max_queue: int = 100_000,
+    ) -> None:
         self.tracking_uri = tracking_uri
         self.experiment = experiment
         self.parent_run_id = parent_run_id
         self.every_seconds = every_seconds
+        self.retry_seconds = retry_seconds
+        self.end_timeout = end_timeout
         self.run_id: str | None = None
         self.client = None
         self._last = 0.0
-        self._failed = False
+        self._queue: queue.Queue = queue.Queue(maxsize=max_queue)
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._down_since: float | None = None
+        self._dropped = 0
+        self._run_dir: Path | None = None
 
-    def _guard(self, what: str, fn, *args, **kwargs) -> Any:
-        if self._failed and self.run_id is None:
-            return None
+    # ---------------------------------------------------------------- background writer
+    def _worker(self) -> None:
+        while True:
+            op = self._queue.get()
+            if op is None:
+                return
+            what, fn = op
+            while True:
+                try:
+                    fn()
+                    if self._down_since is not None:
+                        print(f"MLflow is reachable again after {time.monotonic() - self._down_since:.0f} s; "
+                              "the metrics held back are being written", file=sys.stderr)
+                        self._down_since = None
+                    break
+                except Exception as exc:  # noqa: BLE001 - tracking must not kill training
+                    if self._down_since is None:
+                        self._down_since = time.monotonic()
+                        print(f"warning: MLflow {what} failed ({type(exc).__name__}: {str(exc)[:200]}); "
+                              f"training goes on, MLflow calls are retried every {self.retry_seconds:g} s, and "
+                              f"every metric is also in {self._run_dir / 'metrics.jsonl'}", file=sys.stderr)
+                    if self._stop.wait(self.retry_seconds):
+                        return
+
+    def _submit(self, what: str, fn) -> None:
         try:
-            return fn(*args, **kwargs)
-        except Exception as exc:  # noqa: BLE001 - tracking must not kill training
-            if not self._failed:
-                self._failed = True
-                print(
-                    f"warning: MLflow {what} failed ({type(exc).__name__}: {exc}); training goes on, "
-                    "metrics are kept in metrics.jsonl in the run directory",
-                    file=sys.stderr,
-                )
-            return None
+            self._queue.put_nowait((what, fn))
+        except queue.Full:
+            self._dropped += 1  # still in metrics.jsonl
 
+    # ---------------------------------------------------------------- callbacks
     def on_start(self, trainer: Trainer) -> None:
         import mlflow
         import ray
@@ -184,11 +220,22 @@ class MLflowTracker:
 
         import gogepo_ray
 
+        # Fail fast on a dead server (the default retries for minutes); the thread retries.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         cfg = trainer.cfg
+        self._run_dir = trainer.run_dir
         uri = self.tracking_uri or cfg.tracking.tracking_uri or default_tracking_uri(cfg.run.output_dir)
+        self.tracking_uri = uri
         self.client = MlflowClient(tracking_uri=uri)
+        id_file = trainer.run_dir / "mlflow_run_id"
+        prior = id_file.read_text().strip() if id_file.is_file() else None
 
-        def start() -> str:
+        def start() -> None:
+            if prior:  # a resumed run continues its MLflow run
+                self.client.update_run(prior, status="RUNNING")
+                self.run_id = prior
+                return
             exp = self.client.get_experiment_by_name(self.experiment)
             if exp is None:
                 artifacts = None
@@ -208,27 +255,23 @@ class MLflowTracker:
                 tags["git.commit"] = commit
             if self.parent_run_id:
                 tags["mlflow.parentRunId"] = self.parent_run_id
-            prior = (trainer.run_dir / "mlflow_run_id").read_text().strip() if (trainer.run_dir / "mlflow_run_id").is_file() else None
-            if prior:  # a resumed run continues its MLflow run
-                self.client.update_run(prior, status="RUNNING")
-                return prior
             run = self.client.create_run(exp_id, tags=tags, run_name=trainer.run_dir.name)
             params = [Param(k, str(v)[:6000]) for k, v in cfg.flat().items()]
             for i in range(0, len(params), 100):
                 self.client.log_batch(run.info.run_id, params=params[i : i + 100])
-            (trainer.run_dir / "mlflow_run_id").write_text(run.info.run_id)
-            return run.info.run_id
+            id_file.write_text(run.info.run_id)
+            self.run_id = run.info.run_id
 
-        self.run_id = self._guard("run start", start)
+        self._thread = threading.Thread(target=self._worker, name="mlflow-writer", daemon=True)
+        self._thread.start()
+        self._submit("run start", start)
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        if self.run_id is None:
-            return
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
         batch = [Metric(k, float(v), ts, int(step)) for k, v in metrics.items() if k != "train/env_steps"]
-        self._guard("metric logging", self.client.log_batch, self.run_id, metrics=batch)
+        self._submit("metric logging", lambda: self.client.log_batch(self.run_id, metrics=batch))
 
     def on_train(self, trainer: Trainer, stats: LearnerStats) -> None:
         now = time.monotonic()
@@ -237,14 +280,13 @@ class MLflowTracker:
             self.log(train_metrics(trainer, stats), trainer.progress.env_steps)
 
     def on_eval(self, trainer: Trainer, env_steps: int, mean: float, std: float) -> None:
-        self.log({"eval/return_mean": mean, "eval/return_std": std}, env_steps)
+        if math.isfinite(mean):
+            self.log({"eval/return_mean": mean, "eval/return_std": std}, env_steps)
 
     def on_checkpoint(self, trainer: Trainer, path: Path) -> None:
         pass
 
     def on_end(self, trainer: Trainer, summary: dict) -> None:
-        if self.run_id is None:
-            return
         from gogepo_ray.evaluation import plot_learning_curve
 
         if trainer.latest_stats is not None:
@@ -260,10 +302,24 @@ class MLflowTracker:
             (trainer.run_dir / "checkpoints" / "final.pt", "checkpoints"),
         ]:
             if path.is_file():
-                self._guard("artifact upload", self.client.log_artifact, self.run_id, str(path), sub)
-        self._guard("run end", self.client.set_terminated, self.run_id, "FINISHED")
+                self._submit("artifact upload", lambda p=path, s=sub: self.client.log_artifact(self.run_id, str(p), s))
+        self._finish("FINISHED")
 
     def fail(self) -> None:
         """Mark the run FAILED (the CLI calls this when training raises)."""
-        if self.run_id is not None:
-            self._guard("run end", self.client.set_terminated, self.run_id, "FAILED")
+        self._finish("FAILED")
+
+    def _finish(self, status: str) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            return
+        self._submit("run end", lambda: self.client.set_terminated(self.run_id, status))
+        self._queue.put(None)
+        self._thread.join(self.end_timeout)
+        if self._thread.is_alive():
+            self._stop.set()
+            print(f"warning: MLflow at {self.tracking_uri} did not take the run's last records within "
+                  f"{self.end_timeout:g} s; every metric is in {self._run_dir / 'metrics.jsonl'} and the "
+                  f"artifacts are in {self._run_dir}", file=sys.stderr)
+        elif self._dropped:
+            print(f"warning: {self._dropped} metric batches were not sent to MLflow (queue full); they are in "
+                  f"{self._run_dir / 'metrics.jsonl'}", file=sys.stderr)

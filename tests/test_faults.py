@@ -63,6 +63,7 @@ def test_killed_workers_are_replaced_and_their_episodes_reissued(ray_session, tm
         trainer.run_until(600)
         # ... and kill the other one through Ray.
         ray.kill(trainer.workers[1])
+        trainer.run_until(cfg.run.total_env_steps)
         summary = trainer.finish()
         assert summary["worker_restarts"] >= 2
         assert summary["env_steps"] >= 1200

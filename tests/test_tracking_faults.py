@@ -1,0 +1,99 @@
+"""The MLflow server goes away in the middle of a run: training goes on, the failure is
+reported once, and the metrics held back are written when the server returns."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from gogepo_ray.callbacks import JsonlMetrics, MLflowTracker
+from gogepo_ray.config import load_config
+from gogepo_ray.trainer import Trainer
+from tests.conftest import TINY
+
+pytestmark = pytest.mark.e2e
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(tmp: Path, port: int) -> subprocess.Popen:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{tmp / 'srv.db'}", "--default-artifact-root", str(tmp / "art"),
+         "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                if r.status == 200:
+                    return proc
+        except OSError:
+            time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError("mlflow server did not come up")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    import os
+    import signal
+
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=30)
+
+
+def test_training_survives_mlflow_server_outage(ray_session, tmp_path, capfd):
+    from mlflow.tracking import MlflowClient
+
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    server = start_server(tmp_path, port)
+    cfg = load_config(
+        None,
+        [*TINY, "env.id=tests.fault_envs:PointEnv", "env.kwargs={step_sleep: 0.003}", "env.return_min=-100",
+         "env.return_max=0", "run.workers=1", "run.total_env_steps=1600", "run.eval_every=200",
+         "run.eval_episodes=1", f"run.output_dir={tmp_path / 'runs'}", "tracking.enabled=true"],
+    )
+    tracker = MLflowTracker(tracking_uri=uri, experiment="outage", every_seconds=0.0, retry_seconds=1.0)
+    trainer = Trainer(cfg, callbacks=[JsonlMetrics(every_seconds=0.0), tracker])
+    try:
+        trainer.run_until(400)
+        stop_server(server)  # the server goes away mid-run
+        t0 = time.monotonic()
+        trainer.run_until(1000)
+        outage_steps = trainer.progress.env_steps
+        assert time.monotonic() - t0 < 120  # training did not wait on MLflow
+        server = start_server(tmp_path, port)  # ... and comes back
+        trainer.run_until(cfg.run.total_env_steps)
+        summary = trainer.finish()
+    finally:
+        trainer.shutdown()
+        stop_server(server)
+    err = capfd.readouterr().err
+    assert err.count("warning: MLflow") == 1, err
+    assert "metrics.jsonl" in err and "reachable again" in err
+    server = start_server(tmp_path, port)
+    try:
+        client = MlflowClient(tracking_uri=uri)
+        run = client.get_run(tracker.run_id)
+        assert run.info.status == "FINISHED"
+        steps = {m.step for m in client.get_metric_history(tracker.run_id, "train/best_return")}
+        # metrics from the outage window reached the server once it was back
+        assert any(400 < s <= outage_steps for s in steps), sorted(steps)
+        assert max(steps) == summary["env_steps"]
+    finally:
+        stop_server(server)
