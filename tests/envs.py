@@ -17,7 +17,7 @@ class NoisyPointEnv(gym.Env):
     metadata = {"render_modes": []}
     EPISODE_STEPS = 20
 
-    def __init__(self, noise: float = 0.05) -> None:
+    def __init__(self, noise: float = 0.05, target: tuple[float, float] | list[float] = (1.5, -0.25)) -> None:
         super().__init__()
         self.noise = float(noise)
         self.observation_space = spaces.Box(-np.inf, np.inf, shape=(3,), dtype=np.float64)
@@ -26,7 +26,7 @@ class NoisyPointEnv(gym.Env):
             high=np.array([2.0, 1.0], dtype=np.float32),
             dtype=np.float32,
         )
-        self.target = np.array([1.5, -0.25])
+        self.target = np.asarray(target, dtype=np.float64).reshape(2)
         self._t = 0
 
     def _obs(self) -> np.ndarray:
@@ -75,3 +75,14 @@ class UnboundedActionEnv(NoisyPointEnv):
 
 class NotAnEnv:
     """Constructible, but not a gymnasium.Env."""
+
+
+class SizedEnv(NoisyPointEnv):
+    """An env whose constructor needs an argument: the observation size."""
+
+    def __init__(self, obs_dim: int) -> None:
+        super().__init__()
+        self.observation_space = spaces.Box(-np.inf, np.inf, shape=(obs_dim,), dtype=np.float64)
+
+    def _obs(self) -> np.ndarray:
+        return np.resize(super()._obs(), self.observation_space.shape)
