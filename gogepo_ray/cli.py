@@ -14,8 +14,10 @@ from pathlib import Path
 from gogepo_ray.checkpoint import CheckpointError
 from gogepo_ray.config import ConfigError
 from gogepo_ray.envs import EnvError
+from gogepo_ray.errors import TrainingError
+from gogepo_ray.jobs import JobsError
 
-USER_ERRORS = (ConfigError, CheckpointError, EnvError)
+USER_ERRORS = (ConfigError, CheckpointError, EnvError, JobsError)
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
@@ -47,6 +49,49 @@ def _add_checkpoint_cmds(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output file, e.g. policy.pt")
 
 
+def _add_address(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", default=None,
+                   help="the cluster's dashboard, http://HOST:8265 (default: $RAY_ADDRESS, else http://127.0.0.1:8265)")
+
+
+def _add_jobs(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("submit", help="run `gogepo train CONFIG` on a Ray cluster as a Ray Job",
+                       description="Submit a training run as a Ray Job. The working directory (default: the "
+                       "current one) is uploaded and the job runs `python -m gogepo_ray train CONFIG` in it. "
+                       "Clusters with token auth need RAY_AUTH_MODE=token and the token (RAY_AUTH_TOKEN, "
+                       "RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token). MLFLOW_TRACKING_URI is passed on to the job.")
+    p.add_argument("config", help="YAML config inside the working directory, e.g. configs/hopper.yaml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value (repeatable); on a cluster always set run.workers")
+    _add_address(p)
+    p.add_argument("--working-dir", default=".", help="directory uploaded as the job's working directory (default: .)")
+    p.add_argument("--no-working-dir", action="store_true",
+                   help="upload nothing: run the code and CONFIG path already on the cluster (e.g. the image's /app)")
+    p.add_argument("--pip", action="append", default=[], metavar="REQUIREMENT",
+                   help="extra pip package installed for the job (repeatable; the cluster needs a package index)")
+    p.add_argument("--submission-id", default=None, help="job id to use (default: Ray picks raysubmit_...)")
+    p.add_argument("--follow", action="store_true",
+                   help="stream the job's logs until it ends; exit status 0 only if it SUCCEEDED")
+    p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                   help="with --follow: stop following after this long (the job keeps running)")
+
+    p = sub.add_parser("jobs", help="status, logs, stop and list of Ray Jobs on a cluster")
+    jobs = p.add_subparsers(dest="jobs_cmd", required=True)
+    q = jobs.add_parser("status", help="print a job's status")
+    q.add_argument("job_id", metavar="ID", help="submission id, e.g. raysubmit_...")
+    _add_address(q)
+    q = jobs.add_parser("logs", help="print a job's logs")
+    q.add_argument("job_id", metavar="ID", help="submission id")
+    _add_address(q)
+    q.add_argument("--follow", action="store_true", help="stream until the job ends; exit 0 only if it SUCCEEDED")
+    q.add_argument("--timeout", type=float, default=None, metavar="SECONDS", help="with --follow: stop after this long")
+    q = jobs.add_parser("stop", help="stop a running job")
+    q.add_argument("job_id", metavar="ID", help="submission id")
+    _add_address(q)
+    q = jobs.add_parser("list", help="list the cluster's submitted jobs")
+    _add_address(q)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gogepo", description=__doc__.splitlines()[0])
     from gogepo_ray import __version__
@@ -55,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="cmd", required=True)
     _add_train(sub)
     _add_checkpoint_cmds(sub)
+    _add_jobs(sub)
     return parser
 
 
@@ -177,7 +223,55 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "sweep": cmd_sweep, "export": cmd_export}
+def _follow(cluster, job_id: str, timeout: float | None) -> int:
+    try:
+        status = cluster.follow(job_id, timeout=timeout)
+    except KeyboardInterrupt:
+        print(f"stopped following; the job keeps running (gogepo jobs stop {job_id} to stop it)", file=sys.stderr)
+        return 130
+    _, line = cluster.status(job_id)
+    print(line)
+    if status not in ("SUCCEEDED", "FAILED", "STOPPED"):
+        print(f"still {status} after --timeout {timeout:g} s; the job keeps running "
+              f"(gogepo jobs logs {job_id} --follow)", file=sys.stderr)
+    return 0 if status == "SUCCEEDED" else 1
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from gogepo_ray import jobs
+
+    working_dir = None if args.no_working_dir else args.working_dir
+    submission = jobs.build_submission(args.config, args.overrides, working_dir, args.pip)
+    cluster = jobs.Cluster(args.address)
+    job_id = cluster.submit(submission, submission_id=args.submission_id)
+    print(job_id)
+    hint = "" if args.address is None else f" --address {cluster.address}"
+    print(f"submitted to {cluster.address}: gogepo jobs logs {job_id} --follow{hint}", file=sys.stderr)
+    return _follow(cluster, job_id, args.timeout) if args.follow else 0
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from gogepo_ray import jobs
+
+    cluster = jobs.Cluster(args.address)
+    if args.jobs_cmd == "status":
+        print(cluster.status(args.job_id)[1])
+    elif args.jobs_cmd == "logs":
+        if args.follow:
+            return _follow(cluster, args.job_id, args.timeout)
+        sys.stdout.write(cluster.logs(args.job_id))
+    elif args.jobs_cmd == "stop":
+        if cluster.stop(args.job_id):
+            print(f"stop requested for {args.job_id}")
+        else:
+            print(f"{args.job_id} was not running ({cluster.status(args.job_id)[0]})")
+    else:
+        print("\n".join(cluster.list_lines()))
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "sweep": cmd_sweep, "export": cmd_export,
+            "submit": cmd_submit, "jobs": cmd_jobs}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -187,6 +281,9 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except TrainingError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
