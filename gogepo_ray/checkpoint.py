@@ -50,10 +50,11 @@ def save(path: str | os.PathLike, state: dict) -> Path:
 
 
 def resolve(path: str | os.PathLike) -> Path:
-    """A checkpoint file, or a run directory (its final, else latest, checkpoint)."""
+    """A checkpoint file, a run directory (its final, else latest, checkpoint), or an RLlib
+    checkpoint directory of the GoGePo algorithm (its gogepo.pt)."""
     p = Path(path)
     if p.is_dir():
-        for name in ("final.pt", "latest.pt"):
+        for name in ("final.pt", "latest.pt", "gogepo.pt"):
             for cand in (p / "checkpoints" / name, p / name):
                 if cand.is_file():
                     return cand

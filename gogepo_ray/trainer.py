@@ -347,7 +347,7 @@ class Trainer:
 
 
 def _batch_to_state(batch: ParamBatch, issued_at: int) -> dict:
-    d = {k: torch.from_numpy(np.asarray(v)) for k, v in batch._asdict().items() if k != "kind"}
+    d = {k: torch.from_numpy(np.array(v)) for k, v in batch._asdict().items() if k != "kind"}
     return d | {"kind": batch.kind, "issued_at": int(issued_at)}
 
 
