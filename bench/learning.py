@@ -62,8 +62,11 @@ def run_seed(config: str, overrides: list[str], seed: int, threshold: float, max
             if deadline is not None and time.perf_counter() > deadline:
                 break
         summary = trainer.finish()
+        memory = trainer.memory()
     finally:
         trainer.shutdown()
+    mib = 1024 * 1024
+    workers = [m for k, m in memory.items() if k.startswith("worker_")]
     hit = next(((s, m, w) for s, m, w in clock.arrivals if m >= threshold), None)
     return {
         "seed": seed,
@@ -79,6 +82,9 @@ def run_seed(config: str, overrides: list[str], seed: int, threshold: float, max
         "learner_seconds": round(summary["learner_seconds"], 1),
         "rollout_seconds": round(summary["rollout_seconds"], 1),
         "learner_seconds_per_episode": round(summary["learner_seconds_per_episode"], 4),
+        "learner_peak_rss_mib": round(memory["learner"]["peak_rss_bytes"] / mib, 1),
+        "worker_peak_rss_mib": round(max(m["peak_rss_bytes"] for m in workers) / mib, 1),
+        "buffer_size": summary["episodes"] if summary["episodes"] < cfg.buffer.capacity else cfg.buffer.capacity,
         "eval_history": [[s, round(m, 1), round(w, 1)] for s, m, w in clock.arrivals],
         "run_dir": summary["run_dir"],
     }

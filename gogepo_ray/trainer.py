@@ -339,6 +339,12 @@ class Trainer:
             cb.on_checkpoint(self, path)
         return path
 
+    def memory(self) -> dict[str, dict[str, int]]:
+        """Current and peak RSS of the learner and of every rollout worker, in bytes."""
+        refs = [self.learner.memory.remote()] + [w.memory.remote() for w in self.workers]
+        learner, *workers = ray.get(refs)
+        return {"learner": learner} | {f"worker_{i}": m for i, m in enumerate(workers)}
+
     def shutdown(self) -> None:
         for actor in [self.learner, *self.workers]:
             ray.kill(actor)

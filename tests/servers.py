@@ -122,3 +122,20 @@ def stop_server(proc: subprocess.Popen, grace: float = 60.0) -> list[int]:
         except OSError:
             pass
     return leftover
+
+
+def start_mlflow_server(tmp: Path, port: int) -> subprocess.Popen:
+    """A real ``mlflow server`` on 127.0.0.1:``port`` (sqlite store and artifacts under
+    ``tmp``), up and answering /health when this returns."""
+    cmd = [
+        str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+        "--backend-store-uri", f"sqlite:///{tmp / 'srv.db'}", "--artifacts-destination", str(tmp / "art"),
+    ]
+    log = tmp / f"server-{port}.log"
+    proc = start_server(cmd, clean_env(), log, cwd=tmp)
+    try:
+        wait_http_ok(f"http://127.0.0.1:{port}/health", proc, log, timeout=120)
+    except RuntimeError:
+        stop_server(proc, grace=10)
+        raise
+    return proc

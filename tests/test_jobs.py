@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import conftest
 from tests.servers import (
     BIN,
     ROOT,
@@ -38,17 +39,7 @@ from tests.servers import (
 
 pytestmark = pytest.mark.e2e
 
-TINY = [
-    "run.total_env_steps=200",
-    "run.workers=1",
-    "policy.hidden=[16,16]",
-    "generator.hidden=[32,32]",
-    "generator.tile=8",
-    "critic.hidden=[32,32]",
-    "critic.probing_states=20",
-    "run.sweep_commands=3",
-    "run.eval_every=100",
-]
+TINY = [*conftest.TINY, "tracking.enabled=true", "run.total_env_steps=200", "run.workers=1", "run.eval_every=100"]
 
 
 @dataclass

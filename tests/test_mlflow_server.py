@@ -18,22 +18,13 @@ from pathlib import Path
 import pytest
 
 from gogepo_ray.config import load_config
-from tests.servers import BIN, ROOT, clean_env, free_ports, start_server, stop_server, wait_http_ok
+from tests import conftest
+from tests.servers import ROOT, clean_env, free_ports, start_mlflow_server, stop_server
 
 pytestmark = pytest.mark.e2e
 
 CONFIG = "configs/inverted_pendulum.yaml"
-TINY = [
-    "run.total_env_steps=200",
-    "run.workers=1",
-    "policy.hidden=[16,16]",
-    "generator.hidden=[32,32]",
-    "generator.tile=8",
-    "critic.hidden=[32,32]",
-    "critic.probing_states=20",
-    "run.sweep_commands=3",
-    "run.eval_every=100",
-]
+TINY = [*conftest.TINY, "tracking.enabled=true", "run.total_env_steps=200", "run.workers=1", "run.eval_every=100"]
 
 
 @dataclass
@@ -46,16 +37,9 @@ class Server:
 def mlflow_server(request, tmp_path_factory) -> Server:
     tmp = tmp_path_factory.mktemp("mlflow-server")
     (port,) = free_ports(1)
-    cmd = [
-        str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-        "--backend-store-uri", f"sqlite:///{tmp / 'srv.db'}", "--artifacts-destination", str(tmp / "art"),
-    ]
-    log = tmp / "server.log"
-    proc = start_server(cmd, clean_env(), log, cwd=tmp)
+    proc = start_mlflow_server(tmp, port)
     request.addfinalizer(lambda: stop_server(proc, grace=30))
-    url = f"http://127.0.0.1:{port}"
-    wait_http_ok(f"{url}/health", proc, log, timeout=120)
-    return Server(url=url, artifacts=tmp / "art")
+    return Server(url=f"http://127.0.0.1:{port}", artifacts=tmp / "art")
 
 
 @pytest.fixture(scope="module")

@@ -3,12 +3,10 @@ reported once, and the metrics held back are written when the server returns."""
 
 from __future__ import annotations
 
-import socket
+import os
+import signal
 import subprocess
-import sys
 import time
-import urllib.request
-from pathlib import Path
 
 import pytest
 
@@ -16,52 +14,23 @@ from gogepo_ray.callbacks import JsonlMetrics, MLflowTracker
 from gogepo_ray.config import load_config
 from gogepo_ray.trainer import Trainer
 from tests.conftest import TINY
+from tests.servers import free_ports, start_mlflow_server, stop_server
+
+
+def kill_now(proc: subprocess.Popen) -> None:
+    """The server vanishes at once, as a crashed or preempted pod does."""
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
 
 pytestmark = pytest.mark.e2e
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(tmp: Path, port: int) -> subprocess.Popen:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{tmp / 'srv.db'}", "--default-artifact-root", str(tmp / "art"),
-         "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                if r.status == 200:
-                    return proc
-        except OSError:
-            time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError("mlflow server did not come up")
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    import os
-    import signal
-
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait(timeout=30)
 
 
 def test_training_survives_mlflow_server_outage(ray_session, tmp_path, capfd):
     from mlflow.tracking import MlflowClient
 
-    port = free_port()
+    (port,) = free_ports(1)
     uri = f"http://127.0.0.1:{port}"
-    server = start_server(tmp_path, port)
+    server = start_mlflow_server(tmp_path, port)
     cfg = load_config(
         None,
         [*TINY, "env.id=tests.fault_envs:PointEnv", "env.kwargs={step_sleep: 0.003}", "env.return_min=-100",
@@ -72,12 +41,12 @@ def test_training_survives_mlflow_server_outage(ray_session, tmp_path, capfd):
     trainer = Trainer(cfg, callbacks=[JsonlMetrics(every_seconds=0.0), tracker])
     try:
         trainer.run_until(400)
-        stop_server(server)  # the server goes away mid-run
+        kill_now(server)  # the server goes away mid-run
         t0 = time.monotonic()
         trainer.run_until(1000)
         outage_steps = trainer.progress.env_steps
         assert time.monotonic() - t0 < 120  # training did not wait on MLflow
-        server = start_server(tmp_path, port)  # ... and comes back
+        server = start_mlflow_server(tmp_path, port)  # ... and comes back
         trainer.run_until(cfg.run.total_env_steps)
         summary = trainer.finish()
     finally:
@@ -86,7 +55,7 @@ def test_training_survives_mlflow_server_outage(ray_session, tmp_path, capfd):
     err = capfd.readouterr().err
     assert err.count("warning: MLflow") == 1, err
     assert "metrics.jsonl" in err and "reachable again" in err
-    server = start_server(tmp_path, port)
+    server = start_mlflow_server(tmp_path, port)
     try:
         client = MlflowClient(tracking_uri=uri)
         run = client.get_run(tracker.run_id)

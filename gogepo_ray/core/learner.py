@@ -15,6 +15,7 @@ attribute (``gogepo_ray.config.Config``) without importing pydantic.
 
 from __future__ import annotations
 
+import os
 import time
 from typing import TYPE_CHECKING
 
@@ -59,8 +60,9 @@ class Learner:
         self.cfg = cfg
         self.spec = spec
         self.device = torch.device(cfg.learner.device)
-        if cfg.learner.num_threads:
-            torch.set_num_threads(cfg.learner.num_threads)
+        # Ray sets OMP_NUM_THREADS to the actor's CPU reservation (1); the learner is the
+        # bottleneck of the method, so by default it uses every core of its machine.
+        torch.set_num_threads(cfg.learner.num_threads or os.cpu_count() or 1)
         torch.manual_seed(cfg.run.seed)
         g, c = cfg.generator, cfg.critic
         self.generator = Generator(
