@@ -105,31 +105,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from gogepo_ray import checkpoint as ckpt
     from gogepo_ray.callbacks import JsonlMetrics, MLflowTracker, ProgressBar
     from gogepo_ray.config import load_config
-    from gogepo_ray.trainer import Trainer, resume_trainer
+    from gogepo_ray.trainer import Trainer, load_resume
 
     if args.resume and (args.config or args.overrides):
         raise ConfigError("--resume continues a run with its own config; give no CONFIG or --set with it")
     if not args.resume and not args.config:
         raise ConfigError("give a CONFIG file (e.g. configs/inverted_pendulum.yaml) or --resume RUN_DIR")
-    if args.resume and not Path(args.resume).is_dir():
-        raise CheckpointError(f"run directory not found: {args.resume}")
-    cfg = None if args.resume else load_config(args.config, args.overrides)
-    tracker = None
+    payload = load_resume(args.resume) if args.resume else None
+    cfg = ckpt.config_of(payload) if payload else load_config(args.config, args.overrides)
     callbacks: list = [ProgressBar(disable=args.no_progress), JsonlMetrics()]
-    tracking_enabled = cfg.tracking.enabled if cfg is not None else True
-    if tracking_enabled:
-        tracker = MLflowTracker(experiment=cfg.tracking.experiment if cfg is not None else "gogepo")
+    tracker = MLflowTracker(experiment=cfg.tracking.experiment) if cfg.tracking.enabled else None
+    if tracker is not None:
         callbacks.append(tracker)
-    if args.resume:
-        trainer = resume_trainer(args.resume, callbacks=callbacks)
-    else:
-        trainer = Trainer(cfg, run_dir=args.run_dir, callbacks=callbacks)
+    run_dir = args.resume or args.run_dir
+    trainer = Trainer(cfg, run_dir=run_dir, callbacks=callbacks, resume=payload)
     print(f"run directory: {trainer.run_dir}", file=sys.stderr)
     try:
         trainer.run_until(trainer.cfg.run.total_env_steps)
         summary = trainer.finish()
+    except KeyboardInterrupt:
+        trainer.save_checkpoint()
+        if tracker is not None:
+            tracker.fail()
+        print(f"\ninterrupted; checkpoint saved. Continue with: gogepo train --resume {trainer.run_dir}", file=sys.stderr)
+        return 130
     except BaseException:
         if tracker is not None:
             tracker.fail()

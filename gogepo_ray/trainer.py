@@ -107,8 +107,11 @@ class Trainer:
         self._inflight[ref] = (worker, batch, issued_at)
 
     def _next_work(self, worker: int) -> None:
-        """Give a free worker an evaluation if one is due, else new training policies."""
-        if self.progress.env_steps >= self.progress.next_eval_at and not self._eval_inflight():
+        """Give a free worker the next of the policies a checkpoint had out on workers, else
+        an evaluation if one is due, else new training policies."""
+        if self._resume_batches:
+            self._submit(worker, *self._resume_batches.pop(0))
+        elif self.progress.env_steps >= self.progress.next_eval_at and not self._eval_inflight():
             at = self.progress.next_eval_at
             self.progress.next_eval_at += self.cfg.run.eval_every * max(
                 1, (self.progress.env_steps - at) // self.cfg.run.eval_every + 1
@@ -196,10 +199,7 @@ class Trainer:
         Work in flight carries over to the next call."""
         if not self._inflight:
             for w in range(len(self.workers)):
-                if self._resume_batches:
-                    self._submit(w, *self._resume_batches.pop(0))
-                else:
-                    self._next_work(w)
+                self._next_work(w)
         while self.progress.env_steps < target_env_steps:
             ready, _ = ray.wait(list(self._inflight), num_returns=1)
             worker, result, issued_at = self._collect(ready[0])
@@ -361,9 +361,15 @@ def _batch_from_state(d: dict) -> ParamBatch:
     return ParamBatch(kind=d["kind"], **{k: d[k].numpy() for k in ParamBatch._fields if k != "kind"})
 
 
+def load_resume(run_dir: str | Path) -> dict:
+    """The latest checkpoint of the run in ``run_dir``, to continue it from."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ckpt.CheckpointError(f"run directory not found: {run_dir}")
+    return ckpt.load(run_dir / "checkpoints" / "latest.pt")
+
+
 def resume_trainer(run_dir: str | Path, callbacks: list[Any] | None = None) -> Trainer:
     """A Trainer that continues the run in ``run_dir`` from its latest checkpoint."""
-    run_dir = Path(run_dir)
-    path = run_dir / "checkpoints" / "latest.pt"
-    payload = ckpt.load(path)
+    payload = load_resume(run_dir)
     return Trainer(ckpt.config_of(payload), run_dir=run_dir, callbacks=callbacks, resume=payload)
