@@ -133,10 +133,9 @@ class LearnerConfig(_Section):
     """Arithmetic of the generator's hypernetworks: bf16 autocast is faster where the CPU has
     bf16 units (AVX512-BF16/AMX) or on a GPU; parameters and losses stay fp32."""
     num_threads: int = Field(default=0, ge=0)
-    """Torch intra-op threads of the learner; 0: every core of the machine it runs on (the
-    learner is the bottleneck; rollouts are cheap next to it)."""
-    num_cpus: float = Field(default=1.0, ge=0)
-    """CPUs the learner actor reserves in Ray."""
+    """Torch intra-op threads of the learner; 0: as many as it reserves CPUs (``num_cpus``, at least 1)."""
+    num_cpus: float = Field(default=2.0, ge=0)
+    """CPUs the learner actor reserves in Ray. The learner is the method's bottleneck, so it gets two cores by default."""
 
     @field_validator("device")
     @classmethod

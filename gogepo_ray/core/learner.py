@@ -15,7 +15,7 @@ attribute (``gogepo_ray.config.Config``) without importing pydantic.
 
 from __future__ import annotations
 
-import os
+import math
 import time
 from typing import TYPE_CHECKING
 
@@ -60,9 +60,10 @@ class Learner:
         self.cfg = cfg
         self.spec = spec
         self.device = torch.device(cfg.learner.device)
-        # Ray sets OMP_NUM_THREADS to the actor's CPU reservation (1); the learner is the
-        # bottleneck of the method, so by default it uses every core of its machine.
-        torch.set_num_threads(cfg.learner.num_threads or os.cpu_count() or 1)
+        # Ray sets OMP_NUM_THREADS=1 in actors; the learner is the bottleneck of the method,
+        # so by default it uses as many threads as it reserves CPUs (more would spin against
+        # other processes on the same cores).
+        torch.set_num_threads(cfg.learner.num_threads or max(1, math.ceil(cfg.learner.num_cpus)))
         torch.manual_seed(cfg.run.seed)
         g, c = cfg.generator, cfg.critic
         self.generator = Generator(
