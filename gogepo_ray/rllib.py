@@ -494,14 +494,12 @@ class GoGePo(Algorithm):
     @classmethod
     @override(Algorithm)
     def default_resource_request(cls, config: GoGePoConfig | dict) -> PlacementGroupFactory:
-        """The trial's placement group: the driver (this Algorithm) in bundle 0, then room
-        for the Trainer's learner actor (+1 GPU on cuda) and its rollout actors.
+        """The trial's placement group: the driver (this Algorithm) in bundle 0, the
+        learner actor in bundle 1 (+1 GPU on cuda), rollout worker i in bundle 2 + i.
 
-        Tune captures actors created inside a trial into the trial's placement group, each
-        into whichever bundle has room. When the learner asks exactly what a worker asks
-        (1 CPU, no GPU), every actor gets a 1-CPU bundle of its own, so a trial may span
-        nodes. Otherwise one bundle holds them all, since with mixed sizes a worker could
-        take the learner's bundle (or the learner a worker's) and leave the rest unplaceable.
+        The Trainer pins each actor to its own bundle (``distributed.actors.placement``),
+        so bundles of different sizes cannot be taken by the wrong actor, and a trial's
+        workers may spread over several nodes.
         """
         if not isinstance(config, GoGePoConfig):
             config = cls.get_default_config().update_from_dict(
@@ -510,11 +508,8 @@ class GoGePo(Algorithm):
         cfg = config.to_gogepo_config()
         driver = {"CPU": config.num_cpus_for_main_process, **config.custom_resources_for_main_process}
         gpus = 1 if cfg.learner.device.startswith("cuda") else 0
-        workers = cfg.run.workers
-        if gpus == 0 and cfg.learner.num_cpus == 1:
-            actors = [{"CPU": 1.0} for _ in range(1 + workers)]
-        else:
-            actors = [{k: v for k, v in {"CPU": cfg.learner.num_cpus + workers, "GPU": gpus}.items() if v}]
+        learner = {k: v for k, v in {"CPU": cfg.learner.num_cpus, "GPU": gpus}.items() if v}
+        actors = [learner] + [{"CPU": 1.0} for _ in range(cfg.run.workers)]
         return PlacementGroupFactory(bundles=[driver, *actors], strategy=config.placement_strategy)
 
     @override(Algorithm)

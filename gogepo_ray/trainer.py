@@ -91,7 +91,7 @@ class Trainer:
         self.last_eval: float = float("nan")
         ensure_ray(cfg)
         self.learner = learner_actor(cfg, self.spec, learner_state)
-        self.workers = [rollout_actor(cfg, self.spec) for _ in range(cfg.run.workers)]
+        self.workers = [rollout_actor(cfg, self.spec, i) for i in range(cfg.run.workers)]
         self._inflight: dict[ray.ObjectRef, tuple[int, ParamBatch | ray.ObjectRef, int]] = {}
         self._stats_refs: list[ray.ObjectRef] = []
         self._consecutive_failures = 0
@@ -180,7 +180,7 @@ class Trainer:
                 ) from None
             print(f"warning: rollout worker {worker} died ({type(exc).__name__}); replacing it and "
                   f"re-issuing its episodes", file=sys.stderr)
-            self.workers[worker] = rollout_actor(self.cfg, self.spec)
+            self.workers[worker] = rollout_actor(self.cfg, self.spec, worker)
             self._submit(worker, batch, issued_at)
             return worker, None, issued_at
 

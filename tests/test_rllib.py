@@ -60,8 +60,9 @@ def test_config_builder_gives_validated_config():
     gpu = small_config().learners(num_gpus_per_learner=1).to_gogepo_config()
     assert gpu.learner.device == "cuda"
     bundles = GoGePo.default_resource_request(small_config().learners(num_gpus_per_learner=1)).bundles
-    assert bundles == [{"CPU": 1.0}, {"CPU": 3.0, "GPU": 1.0}]  # learner + 2 workers share one bundle
-    assert GoGePo.default_resource_request(config.to_dict()).bundles == [{"CPU": 1.0}] * 5
+    # driver, learner (2 CPUs by default, + the GPU), then one bundle per rollout worker
+    assert bundles == [{"CPU": 1.0}, {"CPU": 2.0, "GPU": 1.0}, {"CPU": 1.0}, {"CPU": 1.0}]
+    assert GoGePo.default_resource_request(config.to_dict()).bundles == [{"CPU": 1.0}, {"CPU": 2.0}] + [{"CPU": 1.0}] * 3
 
     entry = GoGePoConfig().environment("tests.envs:NoisyPointEnv").env_runners(num_env_runners=1)
     assert entry.to_gogepo_config().env.id == "tests.envs:NoisyPointEnv"
@@ -209,14 +210,14 @@ def test_tune_grid_search_nested_mlflow_runs(ray_session, tmp_path):
     from ray import tune
 
     # Each trial asks for 0.5 (driver) + 0.5 (learner) + 1 (worker) CPUs: both run at once.
-    # (Mixed sizes: learner and worker share one bundle, or either could block the other.)
+    # Mixed bundle sizes: each actor is pinned to its own bundle, so none blocks another.
     config = (
         small_config(workers=1, steps_per_iteration=200)
         .resources(num_cpus_for_main_process=0.5)
         .learners(num_cpus_per_learner=0.5)
         .training(gogepo={"run": {"output_dir": str(tmp_path / "runs")}})
     )
-    assert GoGePo.default_resource_request(config).bundles == [{"CPU": 0.5}, {"CPU": 1.5}]
+    assert GoGePo.default_resource_request(config).bundles == [{"CPU": 0.5}, {"CPU": 0.5}, {"CPU": 1.0}]
     config.training(gogepo={"generator": {"lr": tune.grid_search([1e-4, 2e-4])}})
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     results, parent_id = tune_with_mlflow(

@@ -6,6 +6,7 @@ import os
 import resource
 
 import ray
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from gogepo_ray.config import Config
 from gogepo_ray.core.learner import Learner
@@ -75,6 +76,22 @@ class RolloutActor:
         return process_memory()
 
 
+LEARNER_BUNDLE = 1  # in a placement group made by GoGePo.default_resource_request: 0 is the driver
+
+
+def placement(bundle: int) -> dict:
+    """Inside a placement group (a Tune trial), pin the actor to its own bundle: bundle 1
+    holds the learner and bundle 2 + i rollout worker i. Elsewhere: no constraint."""
+    pg = ray.util.get_current_placement_group()
+    if pg is None or bundle >= len(pg.bundle_specs):
+        return {}
+    return {
+        "scheduling_strategy": PlacementGroupSchedulingStrategy(
+            pg, placement_group_bundle_index=bundle, placement_group_capture_child_tasks=False
+        )
+    }
+
+
 def learner_actor(cfg: Config, spec: PolicySpec, state: dict | None = None):
     """Start the learner actor; it asks for a GPU when ``learner.device`` is cuda."""
     gpus = 1 if cfg.learner.device.startswith("cuda") else 0
@@ -83,12 +100,14 @@ def learner_actor(cfg: Config, spec: PolicySpec, state: dict | None = None):
         num_gpus=gpus,
         runtime_env={"env_vars": LEARNER_ENV},
         max_restarts=0,
+        **placement(LEARNER_BUNDLE),
     )
     return cls.remote(cfg, spec, state)
 
 
-def rollout_actor(cfg: Config, spec: PolicySpec):
-    return ray.remote(RolloutActor).options(num_cpus=1).remote(cfg, spec)
+def rollout_actor(cfg: Config, spec: PolicySpec, index: int):
+    """Start rollout worker ``index`` (a replacement takes the index of the one it replaces)."""
+    return ray.remote(RolloutActor).options(num_cpus=1, **placement(LEARNER_BUNDLE + 1 + index)).remote(cfg, spec)
 
 
 def ensure_ray(cfg: Config) -> None:
