@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from gogepo_ray.core.normalizer import ObsStats
-from gogepo_ray.core.policy import PolicySpec, policy_actions
+from gogepo_ray.core.policy import PolicySpec, policy_preactivation
 from gogepo_ray.envs import make_env
 from gogepo_ray.types import EpisodeBatch, ParamBatch
 
@@ -30,6 +30,9 @@ class Rollouts:
         torch.set_num_threads(1)
         self.env_id, self.env_kwargs, self.max_episode_steps = env_id, env_kwargs or {}, max_episode_steps
         self.spec = spec
+        # tanh output -> action bounds, precomputed once instead of on every env step
+        low, high = np.asarray(spec.action_low, np.float32), np.asarray(spec.action_high, np.float32)
+        self._act_mid, self._act_half = (high + low) / 2, (high - low) / 2
         self.envs: list = []
 
     def _env(self, i: int):
@@ -62,7 +65,8 @@ class Rollouts:
             while running:
                 idx = np.asarray(running)
                 x = torch.from_numpy((obs[idx] - mean) / std).unsqueeze(1)  # (m, 1, obs_dim)
-                acts = policy_actions(self.spec, params[idx], x)[:, 0].numpy()  # (m, act_dim)
+                z = policy_preactivation(self.spec, params[idx], x)[:, 0].numpy()  # (m, act_dim)
+                acts = self._act_mid + self._act_half * np.tanh(z)
                 still = []
                 for j, i in enumerate(running):
                     a = acts[j]

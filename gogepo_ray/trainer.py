@@ -126,11 +126,11 @@ class Trainer:
 
     def _handle(self, result: EpisodeBatch, issued_at: int) -> None:
         self.progress.rollout_seconds += result.rollout_seconds
-        failed = [i for i, f in enumerate(result.failures) if f is not None]
+        ok = np.array([f is None for f in result.failures], dtype=bool)
+        failed = np.flatnonzero(~ok).tolist()
         self._log_failures(result, failed)
         if result.kind == "eval":
             self.progress.eval_env_steps += int(result.lengths.sum())
-            ok = np.array([f is None for f in result.failures])
             returns = result.returns[ok]
             mean = float(returns.mean()) if len(returns) else float("nan")
             std = float(returns.std()) if len(returns) else float("nan")
@@ -139,7 +139,6 @@ class Trainer:
             for cb in self.callbacks:
                 cb.on_eval(self, issued_at, mean, std)
             return
-        ok = np.array([f is None for f in result.failures])
         self.progress.env_steps += int(result.lengths[ok].sum())
         self.progress.episodes += int(ok.sum())
         self.progress.failed_episodes += len(failed)
