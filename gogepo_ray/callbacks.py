@@ -44,6 +44,7 @@ def train_metrics(trainer: Trainer, stats: LearnerStats) -> dict[str, float]:
         "train/episodes": stats.episodes,
         "train/failed_episodes": stats.failed_episodes,
         "train/best_return": stats.best_return,
+        "train/return": stats.last_return,
         "train/env_steps_per_second": trainer.progress.env_steps / max(wall, 1e-9),
         "losses/critic": stats.critic_loss,
         "losses/generator": stats.generator_loss,

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -43,8 +42,7 @@ def build_policy(learner: Learner, command: float) -> tuple[nn.Sequential, dict]
     batch = learner.propose_eval([command], episodes=1)
     params = torch.from_numpy(batch.policy_params[0])
     seq = to_sequential(spec, params)
-    mean = torch.from_numpy(batch.obs_mean.astype(np.float32))
-    std = torch.from_numpy(batch.obs_std.astype(np.float32))
+    mean, std = (torch.from_numpy(a) for a in batch.normalizer())
     first: nn.Linear = seq[0]
     with torch.no_grad():
         # W ((x − m) / s) + b  =  (W / s) x + (b − (W / s) m)

@@ -45,8 +45,13 @@ class Rollouts:
         start = time.perf_counter()
         n = len(batch.episode_ids)
         params = torch.from_numpy(np.ascontiguousarray(batch.policy_params, dtype=np.float32))
-        mean = batch.obs_mean.astype(np.float32)
-        std = batch.obs_std.astype(np.float32)
+        mean, std = batch.normalizer()
+        # Training policies see statistics that follow every step, as in the paper's code:
+        # the master statistics plus this batch's observations so far, the current one
+        # included. Evaluation uses the master statistics as they are; with none yet
+        # (the first policies of a run) observations go in raw.
+        stats = ObsStats(len(mean), batch.obs_count, batch.obs_mean.copy(), batch.obs_m2.copy())
+        follow = batch.kind == "train" and batch.obs_count > 0
         returns = np.zeros(n, np.float64)
         lengths = np.zeros(n, np.int64)
         failures: list[str | None] = [None] * n
@@ -64,6 +69,9 @@ class Rollouts:
         with torch.inference_mode():
             while running:
                 idx = np.asarray(running)
+                if follow:
+                    stats.update(obs[idx])
+                    mean, std = stats.normalizer()
                 x = torch.from_numpy((obs[idx] - mean) / std).unsqueeze(1)  # (m, 1, obs_dim)
                 z = policy_preactivation(self.spec, params[idx], x)[:, 0].numpy()  # (m, act_dim)
                 acts = self._act_mid + self._act_half * np.tanh(z)

@@ -234,8 +234,9 @@ class Trainer:
                     batch.seeds[idx],
                     batch.commands[idx],
                     batch.policy_params[idx],
+                    batch.obs_count,
                     batch.obs_mean,
-                    batch.obs_std,
+                    batch.obs_m2,
                 )
             )
             for i, idx in enumerate(parts)
@@ -357,7 +358,8 @@ def _batch_to_state(batch: ParamBatch, issued_at: int) -> dict:
 
 
 def _batch_from_state(d: dict) -> ParamBatch:
-    return ParamBatch(kind=d["kind"], **{k: d[k].numpy() for k in ParamBatch._fields if k != "kind"})
+    fields = {k: d[k].numpy() for k in ParamBatch._fields if k != "kind"}
+    return ParamBatch(kind=d["kind"], **fields | {"obs_count": int(fields["obs_count"])})
 
 
 def load_resume(run_dir: str | Path) -> dict:

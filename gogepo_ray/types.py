@@ -1,10 +1,12 @@
-"""Typed records that cross actor boundaries. numpy only: no Ray, no torch."""
+"""Typed records that cross actor boundaries. numpy and the maths core only: no Ray."""
 
 from __future__ import annotations
 
 from typing import Literal, NamedTuple
 
 import numpy as np
+
+from gogepo_ray.core.normalizer import ObsStats
 
 Kind = Literal["train", "eval"]
 
@@ -17,8 +19,15 @@ class ParamBatch(NamedTuple):
     seeds: np.ndarray  # (n,) int64, env reset seed of each episode
     commands: np.ndarray  # (n,) float64, the command each policy was generated for
     policy_params: np.ndarray  # (n, D) float32
-    obs_mean: np.ndarray  # (obs_dim,) float32
-    obs_std: np.ndarray  # (obs_dim,) float32, std + eps
+    # The learner's master observation statistics when the batch was made (count 0: none
+    # yet, or normalisation off; policies then see raw observations).
+    obs_count: int
+    obs_mean: np.ndarray  # (obs_dim,) float64
+    obs_m2: np.ndarray  # (obs_dim,) float64, sum of squared deviations
+
+    def normalizer(self) -> tuple[np.ndarray, np.ndarray]:
+        """(mean, std + eps) as float32 from the master statistics; identity when count is 0."""
+        return ObsStats(len(self.obs_mean), int(self.obs_count), self.obs_mean, self.obs_m2).normalizer()
 
 
 class EpisodeBatch(NamedTuple):
@@ -44,6 +53,7 @@ class LearnerStats(NamedTuple):
     episodes: int
     failed_episodes: int
     best_return: float
+    last_return: float  # mean training return of the episodes this update learned from
     buffer_size: int
     critic_loss: float
     generator_loss: float

@@ -590,7 +590,9 @@ def test_learner_propose(cfg, spec):
     assert pb.episode_ids.tolist() == list(range(8))
     assert pb.seeds.tolist() == [episode_seed(7, "train", i) for i in range(8)]
     assert len(set(pb.seeds.tolist())) == 8
-    assert np.array_equal(pb.obs_mean, np.zeros(spec.obs_dim)) and np.array_equal(pb.obs_std, np.ones(spec.obs_dim))
+    assert pb.obs_count == 0
+    mean, std = pb.normalizer()
+    assert np.array_equal(mean, np.zeros(spec.obs_dim)) and np.array_equal(std, np.ones(spec.obs_dim))
     # Noise: exploration policies = G(c) + 0.1 eps.
     ev = learner.propose_eval([20.0])
     assert ev.kind == "eval" and ev.policy_params.shape == (1, spec.num_params)
@@ -631,7 +633,9 @@ def test_learner_ingest(cfg, spec):
     # The next policies ask for best + drive, and carry the merged statistics.
     pb2 = learner.propose(2)
     assert np.all(pb2.commands == 80.0)
-    assert np.allclose(pb2.obs_mean, obs.mean(0), rtol=1e-5) and np.allclose(pb2.obs_std, obs.std(0), rtol=1e-5)
+    mean, std = pb2.normalizer()
+    assert pb2.obs_count == 70
+    assert np.allclose(mean, obs.mean(0), rtol=1e-5) and np.allclose(std, obs.std(0), rtol=1e-5)
 
     # A worse batch does not lower the best; statistics keep merging.
     obs2 = np.random.default_rng(1).normal(-1.0, 1.0, size=(30, spec.obs_dim))

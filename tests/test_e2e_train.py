@@ -134,7 +134,8 @@ def test_exported_policy_reproduces_generator(trained, tmp_path):
     policy = load_policy(path)  # plain nn.Sequential
     batch = learner.propose_eval([700.0])
     obs = torch.randn(64, spec.obs_dim, dtype=torch.float32) * 0.3
-    normed = (obs - torch.from_numpy(batch.obs_mean)) / torch.from_numpy(batch.obs_std)
+    mean, std = batch.normalizer()
+    normed = (obs - torch.from_numpy(mean)) / torch.from_numpy(std)
     expected = policy_actions(spec, torch.from_numpy(batch.policy_params), normed.unsqueeze(0))[0]
     with torch.no_grad():
         got = policy(obs)

@@ -190,7 +190,7 @@ def test_policy_with_nan_output_is_dropped():
     params = np.full((2, spec.num_params), 0.1, np.float32)
     params[1, 0] = np.nan
     batch = ParamBatch("train", np.arange(2), np.arange(2), np.zeros(2), params,
-                       np.zeros(spec.obs_dim, np.float32), np.ones(spec.obs_dim, np.float32))
+                       0, np.zeros(spec.obs_dim), np.zeros(spec.obs_dim))
     result = Rollouts("InvertedPendulum-v5", spec).run(batch)
     assert result.failures[0] is None and result.failures[1] == "policy produced a non-finite action"
     # the dropped episode's observations stay out of the statistics delta

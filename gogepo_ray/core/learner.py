@@ -87,7 +87,7 @@ class Learner:
         self.failed_episodes = 0
         self.next_id = {"train": 0, "eval": 0}
         self.learner_seconds = 0.0
-        self._last = {"critic_loss": float("nan"), "generator_loss": float("nan"), "fresh": float("nan")}
+        self._last = {"critic_loss": float("nan"), "generator_loss": float("nan"), "fresh": float("nan"), "return": float("nan")}
 
     # ------------------------------------------------------------------ proposing policies
     def _batch(self, kind: Kind, commands: np.ndarray, noise: float) -> ParamBatch:
@@ -99,18 +99,16 @@ class Learner:
         n = len(commands)
         ids = np.arange(self.next_id[kind], self.next_id[kind] + n, dtype=np.int64)
         self.next_id[kind] += n
-        mean, std = self.obs_stats.normalizer() if self.cfg.policy.obs_norm else (
-            np.zeros(self.spec.obs_dim, np.float32),
-            np.ones(self.spec.obs_dim, np.float32),
-        )
+        stats = self.obs_stats if self.cfg.policy.obs_norm else ObsStats(self.spec.obs_dim)
         return ParamBatch(
             kind=kind,
             episode_ids=ids,
             seeds=np.array([episode_seed(self.cfg.run.seed, kind, int(i)) for i in ids], dtype=np.int64),
             commands=np.asarray(commands, dtype=np.float64),
             policy_params=params.numpy().astype(np.float32),
-            obs_mean=mean,
-            obs_std=std,
+            obs_count=stats.count,
+            obs_mean=stats.mean.copy(),
+            obs_m2=stats.m2.copy(),
         )
 
     def propose(self, n: int) -> ParamBatch:
@@ -181,6 +179,7 @@ class Learner:
             for p, r in zip(params, train_returns):
                 self.buffer.add(p, r)
                 self.best_return = r if self.best_return is None else max(self.best_return, r)
+            self._last["return"] = float(np.mean(train_returns))
             self.env_steps += int(batch.lengths[ok].sum())
             self.episodes += len(ok)
             closs, gloss = self.update(len(ok))
@@ -195,6 +194,7 @@ class Learner:
             episodes=self.episodes,
             failed_episodes=self.failed_episodes,
             best_return=float("nan") if self.best_return is None else self.best_return,
+            last_return=self._last["return"],
             buffer_size=len(self.buffer),
             critic_loss=self._last["critic_loss"],
             generator_loss=self._last["generator_loss"],

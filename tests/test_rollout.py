@@ -1,0 +1,77 @@
+"""The rollout worker's body on real gymnasium envs: which observation statistics a policy
+sees at each step, and what the worker sends back."""
+
+from __future__ import annotations
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+from gogepo_ray.core.normalizer import ObsStats
+from gogepo_ray.core.policy import policy_actions
+from gogepo_ray.envs import policy_spec
+from gogepo_ray.rollout import Rollouts
+from gogepo_ray.types import ParamBatch
+
+ENV = "Pendulum-v1"  # 200 steps always, reward depends on every action
+
+
+def _batch(kind, spec, stats: ObsStats, n=2, seed=0):
+    rng = np.random.default_rng(seed)
+    params = rng.normal(0, 0.3, size=(n, spec.num_params)).astype(np.float32)
+    return ParamBatch(kind, np.arange(n), np.arange(100, 100 + n), np.zeros(n), params,
+                      stats.count, stats.mean.copy(), stats.m2.copy())
+
+
+def _replay(spec, batch, follow: bool):
+    """The batch's episodes written out step by step, envs in lockstep, the statistics
+    following the observations of all of them: what the worker must match."""
+    n = len(batch.episode_ids)
+    envs = [gym.make(ENV) for _ in range(n)]
+    stats = ObsStats(spec.obs_dim, batch.obs_count, batch.obs_mean.copy(), batch.obs_m2.copy())
+    mean, std = batch.normalizer()
+    obs = np.stack([env.reset(seed=int(s))[0] for env, s in zip(envs, batch.seeds)]).astype(np.float32)
+    totals = np.zeros(n)
+    for _ in range(200):  # Pendulum-v1 always runs 200 steps
+        if follow:
+            stats.update(obs)
+            mean, std = stats.normalizer()
+        x = torch.from_numpy((obs - mean) / std)[:, None]
+        acts = policy_actions(spec, torch.from_numpy(batch.policy_params), x)[:, 0].numpy()
+        steps = [env.step(a) for env, a in zip(envs, acts)]
+        obs = np.stack([s[0] for s in steps]).astype(np.float32)
+        totals += [s[1] for s in steps]
+    return totals
+
+
+def _master(spec):
+    stats = ObsStats(spec.obs_dim)
+    stats.update(np.random.default_rng(3).normal([0.5, 0.2, 1.0], [0.3, 0.5, 2.0], size=(40, spec.obs_dim)))
+    return stats
+
+
+def test_training_policies_see_statistics_that_follow_every_step():
+    spec = policy_spec(ENV, [16, 16])
+    batch = _batch("train", spec, _master(spec))
+    result = Rollouts(ENV, spec).run(batch)
+    follow, frozen = _replay(spec, batch, True), _replay(spec, batch, False)
+    assert np.all(np.abs(follow - frozen) > 1e-3)  # the test can tell the two apart
+    assert np.allclose(result.returns, follow, rtol=1e-5), (result.returns, follow, frozen)
+    # The delta sent back holds this batch's observations only, not the master's.
+    assert result.obs_count == int(result.lengths.sum()) == 400
+
+
+def test_evaluation_uses_the_master_statistics_unchanged():
+    spec = policy_spec(ENV, [16, 16])
+    batch = _batch("eval", spec, _master(spec))
+    result = Rollouts(ENV, spec).run(batch)
+    assert np.allclose(result.returns, _replay(spec, batch, False), rtol=1e-5)
+    assert result.obs_count == 0
+
+
+def test_first_policies_of_a_run_see_raw_observations():
+    spec = policy_spec(ENV, [16, 16])
+    batch = _batch("train", spec, ObsStats(spec.obs_dim))  # no statistics yet
+    result = Rollouts(ENV, spec).run(batch)
+    assert np.allclose(result.returns, _replay(spec, batch, False), rtol=1e-5)
+    assert result.obs_count == 400
