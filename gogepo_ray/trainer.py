@@ -28,6 +28,7 @@ import torch
 
 from gogepo_ray import checkpoint as ckpt
 from gogepo_ray.config import Config
+from gogepo_ray.core.normalizer import EPS
 from gogepo_ray.distributed.actors import ensure_ray, learner_actor, rollout_actor
 from gogepo_ray.envs import policy_spec
 from gogepo_ray.errors import TrainingError
@@ -86,7 +87,10 @@ class Trainer:
         if resume is not None:
             learner_state = resume["learner"]
             self.progress = Progress(**resume["progress"])
-            self._resume_batches = [(_batch_from_state(b), int(b["issued_at"])) for b in resume.get("inflight", [])]
+            count = int(resume["learner"]["obs_stats"]["count"])
+            self._resume_batches = [
+                (_batch_from_state(b, count), int(b["issued_at"])) for b in resume.get("inflight", [])
+            ]
         self.latest_stats: LearnerStats | None = None
         self.last_eval: float = float("nan")
         ensure_ray(cfg)
@@ -357,7 +361,18 @@ def _batch_to_state(batch: ParamBatch, issued_at: int) -> dict:
     return d | {"kind": batch.kind, "issued_at": int(issued_at)}
 
 
-def _batch_from_state(d: dict) -> ParamBatch:
+def _batch_from_state(d: dict, master_count: int) -> ParamBatch:
+    """A checkpointed in-flight batch. Checkpoints written before batches carried the
+    statistics' count and M2 hold (mean, std + eps): their statistics are rebuilt with the
+    checkpoint's master count, so those episodes still run with the same normalisation."""
+    if "obs_count" not in d:
+        count = master_count if d["obs_std"].ne(1).any() or d["obs_mean"].ne(0).any() else 0
+        std = (d["obs_std"].double() - EPS).clamp_min(0)
+        d = {k: v for k, v in d.items() if k != "obs_std"} | {
+            "obs_count": torch.tensor(count),
+            "obs_mean": d["obs_mean"].double(),
+            "obs_m2": std**2 * count,
+        }
     fields = {k: d[k].numpy() for k in ParamBatch._fields if k != "kind"}
     return ParamBatch(kind=d["kind"], **fields | {"obs_count": int(fields["obs_count"])})
 

@@ -207,3 +207,29 @@ def test_every_episode_failing_stops_with_a_clear_error(tmp_path):
     assert res.returncode == 1
     assert "error: the last 20 training episodes all failed" in res.stderr
     assert "this env is broken" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_inflight_batches_round_trip_and_old_checkpoints_still_resume():
+    from gogepo_ray.core.normalizer import ObsStats
+    from gogepo_ray.trainer import _batch_from_state, _batch_to_state
+
+    stats = ObsStats(4)
+    stats.update(np.random.default_rng(0).normal(1.0, 2.0, size=(50, 4)))
+    batch = ParamBatch("train", np.arange(3), np.arange(3) + 7, np.full(3, 20.0),
+                       np.ones((3, 10), np.float32), stats.count, stats.mean, stats.m2)
+    state = _batch_to_state(batch, -1)
+    back = _batch_from_state(state, master_count=999)
+    assert back.kind == "train" and back.obs_count == 50 and isinstance(back.obs_count, int)
+    for a, b in zip(batch[1:], back[1:]):
+        assert np.array_equal(a, b)
+    # A checkpoint written when batches carried (mean, std + eps) instead of count and M2:
+    # the episodes run again with the same normalisation.
+    mean, std = batch.normalizer()
+    old = {k: v for k, v in state.items() if k not in ("obs_count", "obs_m2")}
+    old |= {"obs_mean": torch.from_numpy(mean), "obs_std": torch.from_numpy(std)}
+    rebuilt = _batch_from_state(old, master_count=80)
+    assert rebuilt.obs_count == 80
+    assert np.allclose(rebuilt.normalizer()[0], mean) and np.allclose(rebuilt.normalizer()[1], std, rtol=1e-6)
+    # ... and one issued before any statistics existed still sees raw observations.
+    raw = old | {"obs_mean": torch.zeros(4), "obs_std": torch.ones(4)}
+    assert _batch_from_state(raw, master_count=80).obs_count == 0
