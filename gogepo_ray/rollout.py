@@ -45,13 +45,14 @@ class Rollouts:
         start = time.perf_counter()
         n = len(batch.episode_ids)
         params = torch.from_numpy(np.ascontiguousarray(batch.policy_params, dtype=np.float32))
-        mean, std = batch.normalizer()
         # Training policies see statistics that follow every step, as in the paper's code:
         # the master statistics plus this batch's observations so far, the current one
         # included. Evaluation uses the master statistics as they are; with none yet
         # (the first policies of a run) observations go in raw.
-        stats = ObsStats(len(mean), batch.obs_count, batch.obs_mean.copy(), batch.obs_m2.copy())
-        follow = batch.kind == "train" and batch.obs_count > 0
+        stats = batch.obs_stats()
+        mean, std = stats.normalizer()
+        train = batch.kind == "train"
+        follow = train and stats.count > 0
         returns = np.zeros(n, np.float64)
         lengths = np.zeros(n, np.int64)
         failures: list[str | None] = [None] * n
@@ -62,7 +63,8 @@ class Rollouts:
             try:
                 o, _ = self._env(i).reset(seed=int(batch.seeds[i]))
                 obs[i] = o
-                seen[i].append(np.asarray(o, np.float64))
+                if train:
+                    seen[i].append(np.asarray(o, np.float64))
                 running.append(i)
             except Exception as exc:  # noqa: BLE001 - a broken env must not kill the worker
                 failures[i] = f"env reset raised {type(exc).__name__}: {exc}"
@@ -94,14 +96,14 @@ class Rollouts:
                     if terminated or truncated:
                         continue
                     obs[i] = o
-                    seen[i].append(np.asarray(o, np.float64))
+                    if train:
+                        seen[i].append(np.asarray(o, np.float64))
                     still.append(i)
                 running = still
-        delta = ObsStats(self.spec.obs_dim)
-        if batch.kind == "train":
-            for i in range(n):
-                if failures[i] is None and seen[i]:
-                    delta.update(np.stack(seen[i]))
+        delta = ObsStats(self.spec.obs_dim)  # training steps only: ``seen`` is empty for eval
+        for i in range(n):
+            if failures[i] is None and seen[i]:
+                delta.update(np.stack(seen[i]))
         return EpisodeBatch(
             kind=batch.kind,
             episode_ids=batch.episode_ids,

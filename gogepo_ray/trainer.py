@@ -232,15 +232,11 @@ class Trainer:
         parts = np.array_split(np.arange(n), min(len(self.workers), n))
         refs = [
             self.workers[i].run.remote(
-                ParamBatch(
-                    batch.kind,
-                    batch.episode_ids[idx],
-                    batch.seeds[idx],
-                    batch.commands[idx],
-                    batch.policy_params[idx],
-                    batch.obs_count,
-                    batch.obs_mean,
-                    batch.obs_m2,
+                batch._replace(
+                    episode_ids=batch.episode_ids[idx],
+                    seeds=batch.seeds[idx],
+                    commands=batch.commands[idx],
+                    policy_params=batch.policy_params[idx],
                 )
             )
             for i, idx in enumerate(parts)

@@ -25,9 +25,13 @@ class ParamBatch(NamedTuple):
     obs_mean: np.ndarray  # (obs_dim,) float64
     obs_m2: np.ndarray  # (obs_dim,) float64, sum of squared deviations
 
+    def obs_stats(self) -> ObsStats:
+        """The master statistics this batch carries, as an ObsStats of its own."""
+        return ObsStats(len(self.obs_mean), int(self.obs_count), self.obs_mean.copy(), self.obs_m2.copy())
+
     def normalizer(self) -> tuple[np.ndarray, np.ndarray]:
         """(mean, std + eps) as float32 from the master statistics; identity when count is 0."""
-        return ObsStats(len(self.obs_mean), int(self.obs_count), self.obs_mean, self.obs_m2).normalizer()
+        return self.obs_stats().normalizer()
 
 
 class EpisodeBatch(NamedTuple):

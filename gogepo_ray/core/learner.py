@@ -107,8 +107,8 @@ class Learner:
             commands=np.asarray(commands, dtype=np.float64),
             policy_params=params.numpy().astype(np.float32),
             obs_count=stats.count,
-            obs_mean=stats.mean.copy(),
-            obs_m2=stats.m2.copy(),
+            obs_mean=stats.mean,
+            obs_m2=stats.m2,
         )
 
     def propose(self, n: int) -> ParamBatch:
