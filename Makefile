@@ -7,7 +7,7 @@ CONFIG ?= configs/inverted_pendulum.yaml
 ARGS   ?=
 SEEDS  ?= 3
 
-.PHONY: venv train test test-fast lint format bench-learning bench-hopper clean
+.PHONY: venv train test test-fast lint format bench-learning bench-learner clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -40,6 +40,10 @@ format: $(STAMP)
 ## Learning benchmark: SEEDS seeds of CONFIG, JSON in bench/results/.
 bench-learning: $(STAMP)
 	$(BIN)/python bench/learning.py $(CONFIG) --seeds $(SEEDS) $(ARGS)
+
+## Learner seconds per episode for CONFIG's sizes, fp32 and bf16, 1 and 2 threads (no envs, no Ray).
+bench-learner: $(STAMP)
+	$(BIN)/python bench/learner_step.py $(CONFIG) $(ARGS)
 
 clean:
 	rm -rf runs .pytest_cache
