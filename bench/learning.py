@@ -38,8 +38,11 @@ class _EvalClock:
 
     def on_eval(self, trainer, env_steps: int, mean: float, std: float) -> None:
         self.arrivals.append((env_steps, mean, time.perf_counter() - self.t0))
-        print(f"  seed {trainer.cfg.run.seed}: eval {mean:8.1f} at {env_steps:>8} steps "
-              f"({time.perf_counter() - self.t0:6.0f} s)", flush=True)
+        print(
+            f"  seed {trainer.cfg.run.seed}: eval {mean:8.1f} at {env_steps:>8} steps "
+            f"({time.perf_counter() - self.t0:6.0f} s)",
+            flush=True,
+        )
 
     def on_checkpoint(self, trainer, path) -> None:
         pass
@@ -48,10 +51,23 @@ class _EvalClock:
         pass
 
 
-def run_seed(config: str, overrides: list[str], seed: int, threshold: float, max_minutes: float | None,
-             out_dir: Path) -> dict:
-    cfg = load_config(config, [*overrides, f"run.seed={seed}", "tracking.enabled=false",
-                               f"run.output_dir={out_dir / 'runs'}"])
+def run_seed(
+    config: str,
+    overrides: list[str],
+    seed: int,
+    threshold: float,
+    max_minutes: float | None,
+    out_dir: Path,
+) -> dict:
+    cfg = load_config(
+        config,
+        [
+            *overrides,
+            f"run.seed={seed}",
+            "tracking.enabled=false",
+            f"run.output_dir={out_dir / 'runs'}",
+        ],
+    )
     clock = _EvalClock()
     trainer = Trainer(cfg, callbacks=[clock, JsonlMetrics()])
     deadline = None if max_minutes is None else time.perf_counter() + 60 * max_minutes
@@ -84,7 +100,9 @@ def run_seed(config: str, overrides: list[str], seed: int, threshold: float, max
         "learner_seconds_per_episode": round(summary["learner_seconds_per_episode"], 4),
         "learner_peak_rss_mib": round(memory["learner"]["peak_rss_bytes"] / mib, 1),
         "worker_peak_rss_mib": round(max(m["peak_rss_bytes"] for m in workers) / mib, 1),
-        "buffer_size": summary["episodes"] if summary["episodes"] < cfg.buffer.capacity else cfg.buffer.capacity,
+        "buffer_size": summary["episodes"]
+        if summary["episodes"] < cfg.buffer.capacity
+        else cfg.buffer.capacity,
         "eval_history": [[s, round(m, 1), round(w, 1)] for s, m, w in clock.arrivals],
         "run_dir": summary["run_dir"],
     }
@@ -96,7 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--first-seed", type=int, default=0)
     ap.add_argument("--threshold", type=float, default=None, help="default: 95%% of env.return_max")
-    ap.add_argument("--max-minutes", type=float, default=None, help="stop each seed after this much wall time")
+    ap.add_argument(
+        "--max-minutes", type=float, default=None, help="stop each seed after this much wall time"
+    )
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--out", default=None, help="JSON output path")
     args = ap.parse_args(argv)
@@ -108,7 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for seed in range(args.first_seed, args.first_seed + args.seeds):
         print(f"{cfg.env.id} seed {seed}", flush=True)
-        rows.append(run_seed(args.config, args.overrides, seed, threshold, args.max_minutes, out_dir))
+        rows.append(
+            run_seed(args.config, args.overrides, seed, threshold, args.max_minutes, out_dir)
+        )
     result = {
         "config": args.config,
         "overrides": args.overrides,
@@ -123,14 +145,18 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out) if args.out else out_dir / f"learning-{cfg.env.id}-{stamp}.json"
     out.write_text(json.dumps(result, indent=2))
 
-    head = f"{'seed':>4} {'steps≥thr':>10} {'wall≥thr s':>10} {'final eval':>10} {'env steps':>9} " \
-           f"{'episodes':>8} {'wall s':>7} {'learner s':>9} {'rollout s':>9} {'learner s/ep':>12}"
+    head = (
+        f"{'seed':>4} {'steps≥thr':>10} {'wall≥thr s':>10} {'final eval':>10} {'env steps':>9} "
+        f"{'episodes':>8} {'wall s':>7} {'learner s':>9} {'rollout s':>9} {'learner s/ep':>12}"
+    )
     print(f"\n{cfg.env.id}, threshold {threshold:g}")
     print(head)
     for r in rows:
-        print(f"{r['seed']:>4} {str(r['steps_to_threshold']):>10} {str(r['wall_seconds_to_threshold']):>10} "
-              f"{r['final_eval_return']:>10.1f} {r['env_steps']:>9} {r['episodes']:>8} {r['wall_seconds']:>7.0f} "
-              f"{r['learner_seconds']:>9.0f} {r['rollout_seconds']:>9.0f} {r['learner_seconds_per_episode']:>12.3f}")
+        print(
+            f"{r['seed']:>4} {str(r['steps_to_threshold']):>10} {str(r['wall_seconds_to_threshold']):>10} "
+            f"{r['final_eval_return']:>10.1f} {r['env_steps']:>9} {r['episodes']:>8} {r['wall_seconds']:>7.0f} "
+            f"{r['learner_seconds']:>9.0f} {r['rollout_seconds']:>9.0f} {r['learner_seconds_per_episode']:>12.3f}"
+        )
     print(f"\nwrote {out}")
     return 0
 

@@ -38,7 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     spec = policy_spec(cfg.env.id, cfg.policy.hidden, cfg.env.kwargs)
     out_dir = Path(__file__).resolve().parent / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
-    row = run_seed(args.config, overrides, args.seed, threshold=float("inf"), max_minutes=None, out_dir=out_dir)
+    row = run_seed(
+        args.config, overrides, args.seed, threshold=float("inf"), max_minutes=None, out_dir=out_dir
+    )
     result = {
         "config": args.config,
         "env_id": cfg.env.id,
@@ -52,7 +54,11 @@ def main(argv: list[str] | None = None) -> int:
         "worker_peak_rss_mib": row["worker_peak_rss_mib"],
         "wall_seconds": row["wall_seconds"],
     }
-    out = Path(args.out) if args.out else out_dir / f"memory-{cfg.env.id}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out = (
+        Path(args.out)
+        if args.out
+        else out_dir / f"memory-{cfg.env.id}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    )
     out.write_text(json.dumps(result, indent=2))
     for k, v in result.items():
         print(f"{k:>22}: {v}")

@@ -123,7 +123,9 @@ class JsonlMetrics:
             self._write(train_metrics(trainer, stats))
 
     def on_eval(self, trainer: Trainer, env_steps: int, mean: float, std: float) -> None:
-        self._write({"train/env_steps": env_steps, "eval/return_mean": mean, "eval/return_std": std})
+        self._write(
+            {"train/env_steps": env_steps, "eval/return_mean": mean, "eval/return_std": std}
+        )
 
     def on_checkpoint(self, trainer: Trainer, path: Path) -> None:
         pass
@@ -133,13 +135,20 @@ class JsonlMetrics:
 
 
 def default_tracking_uri(output_dir: str) -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(output_dir).resolve() / 'mlflow.db'}"
+    return (
+        os.environ.get("MLFLOW_TRACKING_URI")
+        or f"sqlite:///{Path(output_dir).resolve() / 'mlflow.db'}"
+    )
 
 
 def git_commit() -> str | None:
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
         )
         return out.stdout.strip() or None if out.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
@@ -193,16 +202,22 @@ class MLflowTracker:
                 try:
                     fn()
                     if self._down_since is not None:
-                        print(f"MLflow is reachable again after {time.monotonic() - self._down_since:.0f} s; "
-                              "the metrics held back are being written", file=sys.stderr)
+                        print(
+                            f"MLflow is reachable again after {time.monotonic() - self._down_since:.0f} s; "
+                            "the metrics held back are being written",
+                            file=sys.stderr,
+                        )
                         self._down_since = None
                     break
                 except Exception as exc:  # noqa: BLE001 - tracking must not kill training
                     if self._down_since is None:
                         self._down_since = time.monotonic()
-                        print(f"warning: MLflow {what} failed ({type(exc).__name__}: {str(exc)[:200]}); "
-                              f"training goes on, MLflow calls are retried every {self.retry_seconds:g} s, and "
-                              f"every metric is also in {self._run_dir / 'metrics.jsonl'}", file=sys.stderr)
+                        print(
+                            f"warning: MLflow {what} failed ({type(exc).__name__}: {str(exc)[:200]}); "
+                            f"training goes on, MLflow calls are retried every {self.retry_seconds:g} s, and "
+                            f"every metric is also in {self._run_dir / 'metrics.jsonl'}",
+                            file=sys.stderr,
+                        )
                     if self._stop.wait(self.retry_seconds):
                         return
 
@@ -226,7 +241,11 @@ class MLflowTracker:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         cfg = trainer.cfg
         self._run_dir = trainer.run_dir
-        uri = self.tracking_uri or cfg.tracking.tracking_uri or default_tracking_uri(cfg.run.output_dir)
+        uri = (
+            self.tracking_uri
+            or cfg.tracking.tracking_uri
+            or default_tracking_uri(cfg.run.output_dir)
+        )
         self.tracking_uri = uri
         self.client = MlflowClient(tracking_uri=uri)
         id_file = trainer.run_dir / "mlflow_run_id"
@@ -271,7 +290,9 @@ class MLflowTracker:
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
-        batch = [Metric(k, float(v), ts, int(step)) for k, v in metrics.items() if k != "train/env_steps"]
+        batch = [
+            Metric(k, float(v), ts, int(step)) for k, v in metrics.items() if k != "train/env_steps"
+        ]
         self._submit("metric logging", lambda: self.client.log_batch(self.run_id, metrics=batch))
 
     def on_train(self, trainer: Trainer, stats: LearnerStats) -> None:
@@ -292,7 +313,9 @@ class MLflowTracker:
 
         if trainer.latest_stats is not None:
             self.log(train_metrics(trainer, trainer.latest_stats), trainer.progress.env_steps)
-        curve = plot_learning_curve(summary["eval_history"], trainer.run_dir / "learning_curve.png", trainer.cfg.env.id)
+        curve = plot_learning_curve(
+            summary["eval_history"], trainer.run_dir / "learning_curve.png", trainer.cfg.env.id
+        )
         for path, sub in [
             (trainer.run_dir / "config.yaml", None),
             (trainer.run_dir / "summary.json", None),
@@ -303,7 +326,10 @@ class MLflowTracker:
             (trainer.run_dir / "checkpoints" / "final.pt", "checkpoints"),
         ]:
             if path.is_file():
-                self._submit("artifact upload", lambda p=path, s=sub: self.client.log_artifact(self.run_id, str(p), s))
+                self._submit(
+                    "artifact upload",
+                    lambda p=path, s=sub: self.client.log_artifact(self.run_id, str(p), s),
+                )
         self._finish("FINISHED")
 
     def fail(self) -> None:
@@ -318,9 +344,15 @@ class MLflowTracker:
         self._thread.join(self.end_timeout)
         if self._thread.is_alive():
             self._stop.set()
-            print(f"warning: MLflow at {self.tracking_uri} did not take the run's last records within "
-                  f"{self.end_timeout:g} s; every metric is in {self._run_dir / 'metrics.jsonl'} and the "
-                  f"artifacts are in {self._run_dir}", file=sys.stderr)
+            print(
+                f"warning: MLflow at {self.tracking_uri} did not take the run's last records within "
+                f"{self.end_timeout:g} s; every metric is in {self._run_dir / 'metrics.jsonl'} and the "
+                f"artifacts are in {self._run_dir}",
+                file=sys.stderr,
+            )
         elif self._dropped:
-            print(f"warning: {self._dropped} metric batches were not sent to MLflow (queue full); they are in "
-                  f"{self._run_dir / 'metrics.jsonl'}", file=sys.stderr)
+            print(
+                f"warning: {self._dropped} metric batches were not sent to MLflow (queue full); they are in "
+                f"{self._run_dir / 'metrics.jsonl'}",
+                file=sys.stderr,
+            )

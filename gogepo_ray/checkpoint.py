@@ -23,7 +23,9 @@ class CheckpointError(ValueError):
     """A checkpoint is missing, damaged, or belongs to another env/architecture."""
 
 
-def payload(*, cfg: Config, learner: dict, progress: dict, inflight: list[dict] | None = None) -> dict:
+def payload(
+    *, cfg: Config, learner: dict, progress: dict, inflight: list[dict] | None = None
+) -> dict:
     """A checkpoint's content: config, the learner's whole state, the driver's counters,
     and the policies handed to workers whose episodes had not finished."""
     return {
@@ -58,7 +60,9 @@ def resolve(path: str | os.PathLike) -> Path:
             for cand in (p / "checkpoints" / name, p / name):
                 if cand.is_file():
                     return cand
-        raise CheckpointError(f"no checkpoint in {p} (looked for checkpoints/final.pt and latest.pt)")
+        raise CheckpointError(
+            f"no checkpoint in {p} (looked for checkpoints/final.pt and latest.pt)"
+        )
     if not p.is_file():
         raise CheckpointError(f"checkpoint not found: {p}")
     return p
@@ -68,8 +72,18 @@ def load(path: str | os.PathLike) -> dict[str, Any]:
     p = resolve(path)
     try:
         payload = torch.load(p, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError, KeyError) as exc:
-        raise CheckpointError(f"{p} is not a readable checkpoint (truncated or not a gogepo checkpoint): {exc}") from None
+    except (
+        RuntimeError,
+        EOFError,
+        OSError,
+        zipfile.BadZipFile,
+        pickle.UnpicklingError,
+        ValueError,
+        KeyError,
+    ) as exc:
+        raise CheckpointError(
+            f"{p} is not a readable checkpoint (truncated or not a gogepo checkpoint): {exc}"
+        ) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{p} is not a gogepo checkpoint (format {FORMAT!r} expected)")
     return payload

@@ -38,7 +38,9 @@ def _yaml_load(text: str) -> Any:
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+    model_config = ConfigDict(
+        extra="forbid", use_attribute_docstrings=True, validate_assignment=True
+    )
 
 
 class EnvConfig(_Section):
@@ -262,7 +264,9 @@ def build_config(data: dict[str, Any], source: str = "config") -> Config:
         raise ConfigError(_format_error(err, source)) from None
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
+def load_config(
+    path: str | os.PathLike | None = None, overrides: list[str] | None = None
+) -> Config:
     """Read a YAML config (or the defaults when ``path`` is None) and apply overrides."""
     data: dict[str, Any] = {}
     source = "defaults"

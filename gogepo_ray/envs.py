@@ -25,10 +25,14 @@ def _resolve_entry_point(env_id: str) -> Any:
     try:
         return getattr(module, attr)
     except AttributeError:
-        raise EnvError(f"env {env_id!r}: module {module_name!r} has no attribute {attr!r}") from None
+        raise EnvError(
+            f"env {env_id!r}: module {module_name!r} has no attribute {attr!r}"
+        ) from None
 
 
-def make_env(env_id: str, kwargs: dict[str, Any] | None = None, max_episode_steps: int | None = None) -> gym.Env:
+def make_env(
+    env_id: str, kwargs: dict[str, Any] | None = None, max_episode_steps: int | None = None
+) -> gym.Env:
     """A fresh env instance; ids with a ``:`` are entry points, others gymnasium ids."""
     kwargs = dict(kwargs or {})
     if ":" in env_id:
@@ -38,12 +42,16 @@ def make_env(env_id: str, kwargs: dict[str, Any] | None = None, max_episode_step
         except TypeError as exc:
             raise EnvError(f"env {env_id!r} could not be constructed: {exc}") from None
         if not isinstance(env, gym.Env):
-            raise EnvError(f"env {env_id!r} did not build a gymnasium.Env (got {type(env).__name__})")
+            raise EnvError(
+                f"env {env_id!r} did not build a gymnasium.Env (got {type(env).__name__})"
+            )
         if max_episode_steps is not None:
             env = gym.wrappers.TimeLimit(env, max_episode_steps)
         return env
     try:
-        return gym.make(env_id, max_episode_steps=max_episode_steps, disable_env_checker=True, **kwargs)
+        return gym.make(
+            env_id, max_episode_steps=max_episode_steps, disable_env_checker=True, **kwargs
+        )
     except gym.error.Error as exc:
         raise EnvError(f"unknown env id {env_id!r}: {exc}") from None
 
@@ -69,7 +77,9 @@ def _dims_of(env_id: str, kwargs_items: tuple) -> tuple:
     except EnvError:
         raise
     except Exception as exc:  # noqa: BLE001 - a user env failing in its constructor
-        raise EnvError(f"env {env_id!r} could not be constructed: {type(exc).__name__}: {exc}") from None
+        raise EnvError(
+            f"env {env_id!r} could not be constructed: {type(exc).__name__}: {exc}"
+        ) from None
     try:
         return env_dims(env)
     finally:
@@ -86,6 +96,8 @@ def check_env_id(env_id: str, kwargs: dict[str, Any] | None = None) -> tuple:
     return _dims_of(env_id, key)
 
 
-def policy_spec(env_id: str, hidden: list[int] | tuple[int, ...], kwargs: dict[str, Any] | None = None) -> PolicySpec:
+def policy_spec(
+    env_id: str, hidden: list[int] | tuple[int, ...], kwargs: dict[str, Any] | None = None
+) -> PolicySpec:
     obs_dim, act_dim, low, high = check_env_id(env_id, kwargs)
     return PolicySpec(obs_dim, act_dim, tuple(hidden), low, high)

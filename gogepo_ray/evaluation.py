@@ -29,7 +29,12 @@ class SweepResult:
     @classmethod
     def from_batch(cls, batch: EpisodeBatch, n_commands: int, episodes: int) -> SweepResult:
         returns = batch.returns.reshape(n_commands, episodes)
-        return cls(batch.commands.reshape(n_commands, episodes)[:, 0], returns.mean(1), returns.std(1), episodes)
+        return cls(
+            batch.commands.reshape(n_commands, episodes)[:, 0],
+            returns.mean(1),
+            returns.std(1),
+            episodes,
+        )
 
     @property
     def mean_abs_error(self) -> float:
@@ -52,7 +57,15 @@ class SweepResult:
         fig, ax = plt.subplots(figsize=(5, 4.5))
         lo, hi = float(self.commands.min()), float(self.commands.max())
         ax.plot([lo, hi], [lo, hi], "--", color="grey", label="identity (achieved = commanded)")
-        ax.errorbar(self.commands, self.mean, yerr=self.std, fmt="o-", ms=4, capsize=2, label="generated policy")
+        ax.errorbar(
+            self.commands,
+            self.mean,
+            yerr=self.std,
+            fmt="o-",
+            ms=4,
+            capsize=2,
+            label="generated policy",
+        )
         ax.set_xlabel("commanded return")
         ax.set_ylabel("achieved return")
         ax.set_title(f"{title}: command sweep (MAE {self.mean_abs_error:.1f})")

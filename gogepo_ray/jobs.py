@@ -26,7 +26,16 @@ from urllib.parse import urlsplit
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 # Never uploaded as the job's working directory (Ray also skips what .gitignore lists).
-EXCLUDES = [".venv", "runs", "mlruns", "mlartifacts", "*.db", ".git", "bench/results", "__pycache__"]
+EXCLUDES = [
+    ".venv",
+    "runs",
+    "mlruns",
+    "mlartifacts",
+    "*.db",
+    ".git",
+    "bench/results",
+    "__pycache__",
+]
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 # Environment variables passed from the submitting shell to the job, when set.
 PASSTHROUGH_ENV = ("MLFLOW_TRACKING_URI",)
@@ -48,7 +57,9 @@ def resolve_address(address: str | None) -> str:
 def _explicit_address() -> Iterator[None]:
     # JobSubmissionClient lets RAY_API_SERVER_ADDRESS / RAY_ADDRESS override its address
     # argument; here --address (which already defaults to $RAY_ADDRESS) must win.
-    saved = {k: os.environ.pop(k) for k in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS") if k in os.environ}
+    saved = {
+        k: os.environ.pop(k) for k in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS") if k in os.environ
+    }
     try:
         yield
     finally:
@@ -58,12 +69,19 @@ def _explicit_address() -> Iterator[None]:
 def _auth_failure(address: str, exc: Exception) -> JobsError:
     text = getattr(exc, "message", str(exc))
     if "Authentication failed" in text:  # HTTP 403: a token was sent and rejected
-        return JobsError(f"the Ray cluster at {address} rejected the authentication token (HTTP 403): "
-                         f"wrong token for this cluster; {AUTH_HELP}")
+        return JobsError(
+            f"the Ray cluster at {address} rejected the authentication token (HTTP 403): "
+            f"wrong token for this cluster; {AUTH_HELP}"
+        )
     mode = os.environ.get("RAY_AUTH_MODE", "")
-    why = ("no token was found locally" if mode.lower() == "token"
-           else "RAY_AUTH_MODE is not 'token', so no token was sent")
-    return JobsError(f"the Ray cluster at {address} requires token authentication (HTTP 401) and {why}; {AUTH_HELP}")
+    why = (
+        "no token was found locally"
+        if mode.lower() == "token"
+        else "RAY_AUTH_MODE is not 'token', so no token was sent"
+    )
+    return JobsError(
+        f"the Ray cluster at {address} requires token authentication (HTTP 401) and {why}; {AUTH_HELP}"
+    )
 
 
 def _check_reachable(address: str, timeout: float = 10.0) -> None:
@@ -74,15 +92,21 @@ def _check_reachable(address: str, timeout: float = 10.0) -> None:
     try:
         port = parts.port or (443 if parts.scheme == "https" else 80)
     except ValueError:
-        raise JobsError(f"bad address {address!r}: expected http://HOST:PORT (the dashboard, port 8265)") from None
+        raise JobsError(
+            f"bad address {address!r}: expected http://HOST:PORT (the dashboard, port 8265)"
+        ) from None
     if not parts.hostname:
-        raise JobsError(f"bad address {address!r}: expected http://HOST:PORT (the dashboard, port 8265)")
+        raise JobsError(
+            f"bad address {address!r}: expected http://HOST:PORT (the dashboard, port 8265)"
+        )
     try:
         socket.create_connection((parts.hostname, port), timeout=timeout).close()
     except OSError as exc:
         reason = exc.strerror or type(exc).__name__
-        raise JobsError(f"cannot reach the Ray dashboard at {address} ({reason}): is the cluster up, "
-                        "and is this its dashboard address (http://HOST:8265)?") from None
+        raise JobsError(
+            f"cannot reach the Ray dashboard at {address} ({reason}): is the cluster up, "
+            "and is this its dashboard address (http://HOST:8265)?"
+        ) from None
 
 
 # ----------------------------------------------------------------------------- submit
@@ -121,11 +145,15 @@ def build_submission(
         try:
             rel = cfg_path.resolve().relative_to(wd)
         except ValueError:
-            raise ConfigError(f"config {config} is outside the working directory {wd}: the job only gets the "
-                              "files under it (move the config there, or pass --working-dir)") from None
+            raise ConfigError(
+                f"config {config} is outside the working directory {wd}: the job only gets the "
+                "files under it (move the config there, or pass --working-dir)"
+            ) from None
         if _is_excluded(rel, EXCLUDES):
-            raise ConfigError(f"config {config} is in a path that is not uploaded ({', '.join(EXCLUDES)}); "
-                              "move it, e.g. to configs/")
+            raise ConfigError(
+                f"config {config} is in a path that is not uploaded ({', '.join(EXCLUDES)}); "
+                "move it, e.g. to configs/"
+            )
         cfg = load_config(cfg_path, overrides)
         job_config = rel.as_posix()
         runtime_env = {"working_dir": str(wd), "excludes": list(EXCLUDES)}
@@ -134,8 +162,11 @@ def build_submission(
             cfg = load_config(cfg_path, overrides)
         else:
             cfg = None
-            print(f"note: {config} is not a local file, so it is not checked here; it must exist at that path "
-                  "on the cluster", file=sys.stderr)
+            print(
+                f"note: {config} is not a local file, so it is not checked here; it must exist at that path "
+                "on the cluster",
+                file=sys.stderr,
+            )
         job_config = config
     if pip:
         runtime_env["pip"] = list(pip)
@@ -154,9 +185,16 @@ def build_submission(
 def _warn_local_tracking(address: str) -> None:
     uri = os.environ.get("MLFLOW_TRACKING_URI", "")
     host = urlsplit(address).hostname if "://" in address else None
-    if uri and not uri.startswith(("http://", "https://", "databricks")) and host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"warning: MLFLOW_TRACKING_URI={uri} is a local store; on a remote cluster the job writes it to "
-              "the node's own disk. Point it at a tracking server (http://...) instead.", file=sys.stderr)
+    if (
+        uri
+        and not uri.startswith(("http://", "https://", "databricks"))
+        and host not in ("127.0.0.1", "localhost", "::1")
+    ):
+        print(
+            f"warning: MLFLOW_TRACKING_URI={uri} is a local store; on a remote cluster the job writes it to "
+            "the node's own disk. Point it at a tracking server (http://...) instead.",
+            file=sys.stderr,
+        )
 
 
 class Cluster:
@@ -183,12 +221,18 @@ class Cluster:
         except AuthenticationError as exc:
             raise _auth_failure(self.address, exc) from None
         except requests.exceptions.JSONDecodeError:
-            raise JobsError(f"{self.address} does not answer as a Ray dashboard (http://HOST:8265)") from None
+            raise JobsError(
+                f"{self.address} does not answer as a Ray dashboard (http://HOST:8265)"
+            ) from None
         except (ConnectionError, requests.exceptions.RequestException) as exc:
-            raise JobsError(f"lost the connection to the Ray dashboard at {self.address}: {exc}") from None
+            raise JobsError(
+                f"lost the connection to the Ray dashboard at {self.address}: {exc}"
+            ) from None
         except RuntimeError as exc:
             text = " ".join(str(exc).split()).rstrip(".")
-            if "does not exist" in text:  # "Request failed with status code 404: Job X does not exist"
+            if (
+                "does not exist" in text
+            ):  # "Request failed with status code 404: Job X does not exist"
                 raise JobsError(f"{text.rsplit(': ', 1)[-1]} on {self.address}") from None
             raise JobsError(f"the Ray job API at {self.address} failed: {text}") from None
 
@@ -210,7 +254,11 @@ class Cluster:
         jobs.sort(key=lambda j: j.start_time or 0)
         lines = [f"{'submission id':<30} {'status':<10} {'started':<19} entrypoint"]
         for j in jobs:
-            started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(j.start_time / 1000)) if j.start_time else "-"
+            started = (
+                time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(j.start_time / 1000))
+                if j.start_time
+                else "-"
+            )
             entry = j.entrypoint if len(j.entrypoint) <= 100 else j.entrypoint[:97] + "..."
             lines.append(f"{j.submission_id:<30} {str(j.status):<10} {started:<19} {entry}")
         return lines
@@ -236,14 +284,17 @@ class Cluster:
 
             if isinstance(exc, AuthenticationError):
                 raise _auth_failure(self.address, exc) from None
-            print(f"note: log stream interrupted ({type(exc).__name__}: {exc}); polling instead", file=sys.stderr)
+            print(
+                f"note: log stream interrupted ({type(exc).__name__}: {exc}); polling instead",
+                file=sys.stderr,
+            )
         # After the stream closes the status can lag a moment; after a stream failure this
         # loop prints the rest of the log.
         while True:
             status, _ = self.status(job_id)
             text = self.logs(job_id)
             if len(text) > printed[0]:
-                _write(text[printed[0]:])
+                _write(text[printed[0] :])
                 printed[0] = len(text)
             if status in TERMINAL or (deadline is not None and time.monotonic() >= deadline):
                 return status

@@ -118,8 +118,13 @@ _DEFAULTS: dict[str, Any] = {"tracking": {"enabled": False}}
 # Settings that fix the shapes of the learner's tensors: a checkpoint restores only into
 # an algorithm that agrees on all of them.
 _SHAPE_KEYS = [
-    ("env", "id"), ("env", "kwargs"), ("policy", "hidden"), ("generator", "tile"),
-    ("generator", "embedding_dim"), ("generator", "hidden"), ("critic", "probing_states"),
+    ("env", "id"),
+    ("env", "kwargs"),
+    ("policy", "hidden"),
+    ("generator", "tile"),
+    ("generator", "embedding_dim"),
+    ("generator", "hidden"),
+    ("critic", "probing_states"),
     ("critic", "hidden"),
 ]
 
@@ -190,7 +195,9 @@ class GoGePoConfig(AlgorithmConfig):
         Returns:
             This updated config.
         """
-        unused = sorted(k for k, v in kwargs.items() if v is not NotProvided and k not in _RLLIB_PASSTHROUGH)
+        unused = sorted(
+            k for k, v in kwargs.items() if v is not NotProvided and k not in _RLLIB_PASSTHROUGH
+        )
         if unused:
             raise ConfigError(
                 f"{', '.join(unused)}: RLlib training setting(s) that GoGePo does not use; set GoGePo's "
@@ -199,7 +206,9 @@ class GoGePoConfig(AlgorithmConfig):
         super().training(**kwargs)
         if gogepo is not NotProvided and gogepo is not None:
             if not isinstance(gogepo, Mapping):
-                raise ConfigError(f"gogepo: must be a dict of config sections, got {type(gogepo).__name__}")
+                raise ConfigError(
+                    f"gogepo: must be a dict of config sections, got {type(gogepo).__name__}"
+                )
             self.gogepo = _merged(self.gogepo, gogepo)
         flat = {
             ("env", "return_min"): return_min,
@@ -220,13 +229,17 @@ class GoGePoConfig(AlgorithmConfig):
         """The validated GoGePo run config this builder describes (the one place where
         RLlib settings, shortcuts and ``gogepo={...}`` come together)."""
         if not isinstance(self.gogepo, Mapping):
-            raise ConfigError(f"gogepo: must be a dict of config sections, got {type(self.gogepo).__name__}")
+            raise ConfigError(
+                f"gogepo: must be a dict of config sections, got {type(self.gogepo).__name__}"
+            )
         data = _merged(_DEFAULTS, self.gogepo)
         env = self.env
         if isinstance(env, type):
             env = f"{env.__module__}:{env.__qualname__}"
         if env is not None and not isinstance(env, str):
-            raise ConfigError(f"env: {env!r} is neither a gymnasium id nor an entry point 'package.module:ClassName'")
+            raise ConfigError(
+                f"env: {env!r} is neither a gymnasium id nor an entry point 'package.module:ClassName'"
+            )
         if env is not None:
             _take(data, "env", "id", env, f"environment(env={env!r})")
         elif not (isinstance(data.get("env"), dict) and "id" in data["env"]):
@@ -237,25 +250,48 @@ class GoGePoConfig(AlgorithmConfig):
         if self.env_config:
             _take(data, "env", "kwargs", dict(self.env_config), "environment(env_config=...)")
         if self.num_env_runners is not None:
-            if isinstance(self.num_env_runners, bool) or not isinstance(self.num_env_runners, int) or self.num_env_runners < 1:
+            if (
+                isinstance(self.num_env_runners, bool)
+                or not isinstance(self.num_env_runners, int)
+                or self.num_env_runners < 1
+            ):
                 raise ConfigError(
                     f"num_env_runners: GoGePo needs at least 1 rollout worker actor, got {self.num_env_runners!r}"
                 )
             _take(data, "run", "workers", self.num_env_runners, "env_runners(num_env_runners=...)")
         if self.num_envs_per_env_runner != 1:
-            _take(data, "run", "envs_per_worker", self.num_envs_per_env_runner,
-                  "env_runners(num_envs_per_env_runner=...)")
+            _take(
+                data,
+                "run",
+                "envs_per_worker",
+                self.num_envs_per_env_runner,
+                "env_runners(num_envs_per_env_runner=...)",
+            )
         if self.num_learners not in (0, 1):
-            raise ConfigError(f"num_learners: GoGePo has exactly one learner, got {self.num_learners!r}")
+            raise ConfigError(
+                f"num_learners: GoGePo has exactly one learner, got {self.num_learners!r}"
+            )
         if self.num_gpus_per_learner:
             if self.num_gpus_per_learner != 1:
                 raise ConfigError(
                     f"num_gpus_per_learner: GoGePo's learner uses 0 or 1 GPU, got {self.num_gpus_per_learner!r}"
                 )
-            _take(data, "learner", "device", "cuda", "learners(num_gpus_per_learner=1)",
-                  same=lambda mine, _: str(mine).startswith("cuda"))
+            _take(
+                data,
+                "learner",
+                "device",
+                "cuda",
+                "learners(num_gpus_per_learner=1)",
+                same=lambda mine, _: str(mine).startswith("cuda"),
+            )
         if self.num_cpus_per_learner != "auto":
-            _take(data, "learner", "num_cpus", self.num_cpus_per_learner, "learners(num_cpus_per_learner=...)")
+            _take(
+                data,
+                "learner",
+                "num_cpus",
+                self.num_cpus_per_learner,
+                "learners(num_cpus_per_learner=...)",
+            )
         if self.seed is not None:
             _take(data, "run", "seed", self.seed, "debugging(seed=...)")
         spi = self.steps_per_iteration
@@ -316,7 +352,9 @@ class GoGePo(Algorithm):
                         parent_run_id=self.config.mlflow_parent_run_id,
                     )
                 )
-            self._trainer = Trainer(self.gogepo_config, run_dir=self.logdir, callbacks=callbacks, resume=self._resume)
+            self._trainer = Trainer(
+                self.gogepo_config, run_dir=self.logdir, callbacks=callbacks, resume=self._resume
+            )
             self._resume = None
         return self._trainer
 
@@ -329,7 +367,9 @@ class GoGePo(Algorithm):
     def training_step(self) -> None:
         """Stream episodes until the next multiple of ``steps_per_iteration`` training env steps."""
         trainer = self.trainer
-        target = (trainer.progress.env_steps // self.steps_per_iteration + 1) * self.steps_per_iteration
+        target = (
+            trainer.progress.env_steps // self.steps_per_iteration + 1
+        ) * self.steps_per_iteration
         trainer.run_until(target)
 
     @override(Algorithm)
@@ -359,7 +399,9 @@ class GoGePo(Algorithm):
             at, mean, std = p.eval_history[-1]
             eval_return = mean
             out["eval"] = {"return_mean": mean, "return_std": std, "env_steps": at}
-        out.setdefault("timers", {}).update({"training_iteration": seconds, "training_step": seconds})
+        out.setdefault("timers", {}).update(
+            {"training_iteration": seconds, "training_step": seconds}
+        )
         out["env_runners"] = {
             "episode_return_mean": eval_return,
             "num_env_steps_sampled": p.env_steps - steps_before,
@@ -404,7 +446,11 @@ class GoGePo(Algorithm):
         state: dict[str, Any] = {TRAINING_ITERATION: self.training_iteration}
         if self._check_component(STATE_KEY, components, not_components):
             # Restored but not started yet: the payload is the state, no actors needed.
-            state[STATE_KEY] = self._resume if self._trainer is None and self._resume is not None else self.trainer.state()
+            state[STATE_KEY] = (
+                self._resume
+                if self._trainer is None and self._resume is not None
+                else self.trainer.state()
+            )
         return state
 
     @override(Algorithm)
@@ -432,7 +478,9 @@ class GoGePo(Algorithm):
             if saved.get(s, {}).get(k) != mine[s][k]
         ]
         if diff:
-            raise ckpt.CheckpointError("the checkpoint belongs to another env or architecture: " + "; ".join(diff))
+            raise ckpt.CheckpointError(
+                "the checkpoint belongs to another env or architecture: " + "; ".join(diff)
+            )
 
     @override(Algorithm)
     def get_checkpointable_components(self) -> list[tuple[str, Checkpointable]]:
@@ -450,12 +498,18 @@ class GoGePo(Algorithm):
         """RLlib's checkpoint directory, with the Trainer payload in ``gogepo.pt``."""
         state = dict(state) if state is not None else self.get_state()
         payload = state.pop(STATE_KEY, None)
-        state.setdefault(TRAINING_ITERATION, self.training_iteration)  # never empty: see Checkpointable
+        state.setdefault(
+            TRAINING_ITERATION, self.training_iteration
+        )  # never empty: see Checkpointable
         if path is not None and filesystem is None:
             filesystem, path = pyarrow.fs.FileSystem.from_uri(_uri(path))
-        path = Checkpointable.save_to_path(self, path, state=state, filesystem=filesystem, use_msgpack=use_msgpack)
+        path = Checkpointable.save_to_path(
+            self, path, state=state, filesystem=filesystem, use_msgpack=use_msgpack
+        )
         if payload is not None:
-            _write_payload(filesystem or pyarrow.fs.LocalFileSystem(), f"{path}/{PAYLOAD_FILE}", payload)
+            _write_payload(
+                filesystem or pyarrow.fs.LocalFileSystem(), f"{path}/{PAYLOAD_FILE}", payload
+            )
         return path
 
     @override(Algorithm)
@@ -473,7 +527,9 @@ class GoGePo(Algorithm):
         if filesystem is None:
             filesystem, path = pyarrow.fs.FileSystem.from_uri(_uri(path))
         path = Path(path).as_posix()
-        Checkpointable.restore_from_path(self, path, filesystem=filesystem, **kwargs)  # iteration counter
+        Checkpointable.restore_from_path(
+            self, path, filesystem=filesystem, **kwargs
+        )  # iteration counter
         self.set_state({STATE_KEY: _read_payload(filesystem, f"{path}/{PAYLOAD_FILE}")})
 
     @override(Algorithm)
@@ -506,7 +562,10 @@ class GoGePo(Algorithm):
                 config.to_dict() if isinstance(config, AlgorithmConfig) else config
             )
         cfg = config.to_gogepo_config()
-        driver = {"CPU": config.num_cpus_for_main_process, **config.custom_resources_for_main_process}
+        driver = {
+            "CPU": config.num_cpus_for_main_process,
+            **config.custom_resources_for_main_process,
+        }
         gpus = 1 if cfg.learner.device.startswith("cuda") else 0
         learner = {k: v for k, v in {"CPU": cfg.learner.num_cpus, "GPU": gpus}.items() if v}
         actors = [learner] + [{"CPU": 1.0} for _ in range(cfg.run.workers)]
@@ -559,7 +618,9 @@ def _read_payload(fs: pyarrow.fs.FileSystem, path: str) -> dict:
     except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError) as exc:
         raise ckpt.CheckpointError(f"{path} is not a readable GoGePo checkpoint: {exc}") from None
     if not isinstance(payload, dict) or payload.get("format") != ckpt.FORMAT:
-        raise ckpt.CheckpointError(f"{path} is not a GoGePo checkpoint (format {ckpt.FORMAT!r} expected)")
+        raise ckpt.CheckpointError(
+            f"{path} is not a GoGePo checkpoint (format {ckpt.FORMAT!r} expected)"
+        )
     return payload
 
 
@@ -567,7 +628,7 @@ def _read_payload(fs: pyarrow.fs.FileSystem, path: str) -> dict:
 def _absolute_tracking_uri(uri: str) -> str:
     """Trials run in their own working directories: relative store paths must not move."""
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        return "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
+        return "sqlite:///" + str(Path(uri[len("sqlite:///") :]).resolve())
     if ":" not in uri:  # a plain directory: MLflow's file store
         return Path(uri).resolve().as_uri()
     return uri
@@ -602,10 +663,16 @@ def tune_with_mlflow(
     if exp is not None:
         exp_id = exp.experiment_id
     else:  # as MLflowTracker does: keep artifacts next to a sqlite store
-        artifacts = (Path(output_dir).resolve() / "mlartifacts").as_uri() if uri.startswith("sqlite:") else None
+        artifacts = (
+            (Path(output_dir).resolve() / "mlartifacts").as_uri()
+            if uri.startswith("sqlite:")
+            else None
+        )
         exp_id = client.create_experiment(experiment, artifact_location=artifacts)
     name = run_name or getattr(run_config, "name", None) or "gogepo-sweep"
-    parent = client.create_run(exp_id, run_name=name, tags={"gogepo.sweep": "true", "env_id": str(config.env)})
+    parent = client.create_run(
+        exp_id, run_name=name, tags={"gogepo.sweep": "true", "env_id": str(config.env)}
+    )
     parent_id = parent.info.run_id
     config = config.copy(copy_frozen=False).training(
         gogepo={"tracking": {"enabled": True, "tracking_uri": uri, "experiment": experiment}},

@@ -28,10 +28,17 @@ class Rollouts:
         max_episode_steps: int | None = None,
     ) -> None:
         torch.set_num_threads(1)
-        self.env_id, self.env_kwargs, self.max_episode_steps = env_id, env_kwargs or {}, max_episode_steps
+        self.env_id, self.env_kwargs, self.max_episode_steps = (
+            env_id,
+            env_kwargs or {},
+            max_episode_steps,
+        )
         self.spec = spec
         # tanh output -> action bounds, precomputed once instead of on every env step
-        low, high = np.asarray(spec.action_low, np.float32), np.asarray(spec.action_high, np.float32)
+        low, high = (
+            np.asarray(spec.action_low, np.float32),
+            np.asarray(spec.action_high, np.float32),
+        )
         self._act_mid, self._act_half = (high + low) / 2, (high - low) / 2
         self.envs: list = []
 

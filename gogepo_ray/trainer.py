@@ -63,7 +63,10 @@ class Progress:
 
 
 def default_run_dir(cfg: Config) -> Path:
-    name = cfg.run.name or f"{cfg.env.id.replace(':', '.').replace('/', '.')}-{time.strftime('%Y%m%d-%H%M%S')}-s{cfg.run.seed}"
+    name = (
+        cfg.run.name
+        or f"{cfg.env.id.replace(':', '.').replace('/', '.')}-{time.strftime('%Y%m%d-%H%M%S')}-s{cfg.run.seed}"
+    )
     return Path(cfg.run.output_dir) / name
 
 
@@ -81,7 +84,9 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
         self.callbacks = list(callbacks or [])
-        self.progress = Progress(next_eval_at=cfg.run.eval_every, next_checkpoint_at=cfg.run.checkpoint_every)
+        self.progress = Progress(
+            next_eval_at=cfg.run.eval_every, next_checkpoint_at=cfg.run.checkpoint_every
+        )
         learner_state = None
         self._resume_batches: list[tuple[ParamBatch, int]] = []
         if resume is not None:
@@ -89,7 +94,8 @@ class Trainer:
             self.progress = Progress(**resume["progress"])
             count = int(resume["learner"]["obs_stats"]["count"])
             self._resume_batches = [
-                (_batch_from_state(b, count), int(b["issued_at"])) for b in resume.get("inflight", [])
+                (_batch_from_state(b, count), int(b["issued_at"]))
+                for b in resume.get("inflight", [])
             ]
         self.latest_stats: LearnerStats | None = None
         self.last_eval: float = float("nan")
@@ -158,14 +164,22 @@ class Trainer:
 
     def _log_failures(self, result: EpisodeBatch, failed: list[int]) -> None:
         for i in failed:
-            row = {"kind": result.kind, "episode_id": int(result.episode_ids[i]), "command": float(result.commands[i]),
-                   "length": int(result.lengths[i]), "reason": result.failures[i]}
+            row = {
+                "kind": result.kind,
+                "episode_id": int(result.episode_ids[i]),
+                "command": float(result.commands[i]),
+                "length": int(result.lengths[i]),
+                "reason": result.failures[i],
+            }
             self._failure_log.write(json.dumps(row) + "\n")
         if failed:
             self._failure_log.flush()
             if self.progress.failed_episodes == 0 or self._consecutive_failures == 0:
-                print(f"warning: {len(failed)} {result.kind} episode(s) dropped: {result.failures[failed[0]]} "
-                      f"(all failures: {self.run_dir / 'failures.jsonl'})", file=sys.stderr)
+                print(
+                    f"warning: {len(failed)} {result.kind} episode(s) dropped: {result.failures[failed[0]]} "
+                    f"(all failures: {self.run_dir / 'failures.jsonl'})",
+                    file=sys.stderr,
+                )
 
     def _collect(self, ref: ray.ObjectRef) -> tuple[int, EpisodeBatch | None, int]:
         """The result of a finished rollout task. A worker that died is replaced and the
@@ -181,8 +195,11 @@ class Trainer:
                     f"rollout workers died {self.progress.worker_restarts} times "
                     f"(run.max_worker_restarts={self.cfg.run.max_worker_restarts}); last: {exc}"
                 ) from None
-            print(f"warning: rollout worker {worker} died ({type(exc).__name__}); replacing it and "
-                  f"re-issuing its episodes", file=sys.stderr)
+            print(
+                f"warning: rollout worker {worker} died ({type(exc).__name__}); replacing it and "
+                f"re-issuing its episodes",
+                file=sys.stderr,
+            )
             self.workers[worker] = rollout_actor(self.cfg, self.spec, worker)
             self._submit(worker, batch, issued_at)
             return worker, None, issued_at
@@ -256,7 +273,9 @@ class Trainer:
             rollout_seconds=sum(r.rollout_seconds for r in results),
         )
 
-    def evaluate(self, commands: list[float] | None = None, episodes: int | None = None) -> EpisodeBatch:
+    def evaluate(
+        self, commands: list[float] | None = None, episodes: int | None = None
+    ) -> EpisodeBatch:
         """Noise-free policies for ``commands`` (default: the best return so far)."""
         eps = episodes or self.cfg.run.eval_episodes
         return self.run_batch(ray.get(self.learner.propose_eval.remote(commands, eps)))
@@ -322,11 +341,15 @@ class Trainer:
         # Policies handed out but not finished yet are part of the state: a resumed run
         # issues exactly these again instead of drawing new ones.
         inflight = [
-            _batch_to_state(ray.get(batch) if isinstance(batch, ray.ObjectRef) else batch, issued_at)
+            _batch_to_state(
+                ray.get(batch) if isinstance(batch, ray.ObjectRef) else batch, issued_at
+            )
             for _, batch, issued_at in sorted(self._inflight.values(), key=lambda v: v[0])
         ]
         inflight += [_batch_to_state(b, at) for b, at in self._resume_batches]
-        return ckpt.payload(cfg=self.cfg, learner=learner_state, progress=progress, inflight=inflight)
+        return ckpt.payload(
+            cfg=self.cfg, learner=learner_state, progress=progress, inflight=inflight
+        )
 
     def save_checkpoint(self, final: bool = False) -> Path:
         """Write the run state atomically to checkpoints/latest.pt (and final.pt at the end)."""

@@ -27,7 +27,9 @@ class ParamBatch(NamedTuple):
 
     def obs_stats(self) -> ObsStats:
         """The master statistics this batch carries, as an ObsStats of its own."""
-        return ObsStats(len(self.obs_mean), int(self.obs_count), self.obs_mean.copy(), self.obs_m2.copy())
+        return ObsStats(
+            len(self.obs_mean), int(self.obs_count), self.obs_mean.copy(), self.obs_m2.copy()
+        )
 
     def normalizer(self) -> tuple[np.ndarray, np.ndarray]:
         """(mean, std + eps) as float32 from the master statistics; identity when count is 0."""

@@ -30,7 +30,9 @@ def ray_session():
 
     os.environ.pop("RAY_ADDRESS", None)
     # Ray workers inherit the environment at ray.init: let them import tests.fault_envs.
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])
+    )
     if not ray.is_initialized():
         # 4 logical CPUs on a 2-core machine: a learner and 2 workers share the cores.
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)

@@ -17,7 +17,9 @@ class NoisyPointEnv(gym.Env):
     metadata = {"render_modes": []}
     EPISODE_STEPS = 20
 
-    def __init__(self, noise: float = 0.05, target: tuple[float, float] | list[float] = (1.5, -0.25)) -> None:
+    def __init__(
+        self, noise: float = 0.05, target: tuple[float, float] | list[float] = (1.5, -0.25)
+    ) -> None:
         super().__init__()
         self.noise = float(noise)
         self.observation_space = spaces.Box(-np.inf, np.inf, shape=(3,), dtype=np.float64)
@@ -40,7 +42,9 @@ class NoisyPointEnv(gym.Env):
         return self._obs(), {}
 
     def step(self, action):
-        action = np.clip(np.asarray(action, dtype=np.float64), self.action_space.low, self.action_space.high)
+        action = np.clip(
+            np.asarray(action, dtype=np.float64), self.action_space.low, self.action_space.high
+        )
         reward = -float(np.abs(action - self.target).sum())
         self._t += 1
         truncated = self._t >= self.EPISODE_STEPS
@@ -53,7 +57,10 @@ class DictObsEnv(NoisyPointEnv):
     def __init__(self) -> None:
         super().__init__()
         self.observation_space = spaces.Dict(
-            {"pos": spaces.Box(-np.inf, np.inf, shape=(2,)), "time": spaces.Box(0.0, 1.0, shape=(1,))}
+            {
+                "pos": spaces.Box(-np.inf, np.inf, shape=(2,)),
+                "time": spaces.Box(0.0, 1.0, shape=(1,)),
+            }
         )
 
 

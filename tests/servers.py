@@ -52,7 +52,9 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def http_status(url: str, headers: dict[str, str] | None = None, timeout: float = 5.0) -> int | None:
+def http_status(
+    url: str, headers: dict[str, str] | None = None, timeout: float = 5.0
+) -> int | None:
     """Status code of a GET, or None when nothing answers."""
     req = urllib.request.Request(url, headers=headers or {})
     try:
@@ -76,7 +78,9 @@ def wait_http_ok(url: str, proc: subprocess.Popen, log: Path, timeout: float) ->
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode} before {url} came up:\n{log_tail(log)}")
+            raise RuntimeError(
+                f"server exited with {proc.returncode} before {url} came up:\n{log_tail(log)}"
+            )
         if http_status(url, timeout=2.0) == 200:
             return
         time.sleep(0.5)
@@ -95,10 +99,19 @@ def _session_pids(sid: int) -> list[int]:
     return pids
 
 
-def start_server(cmd: list[str], env: dict[str, str], log: Path, cwd: Path | None = None) -> subprocess.Popen:
+def start_server(
+    cmd: list[str], env: dict[str, str], log: Path, cwd: Path | None = None
+) -> subprocess.Popen:
     with open(log, "wb") as fh:
-        return subprocess.Popen(cmd, env=env, cwd=cwd, stdout=fh, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+        return subprocess.Popen(
+            cmd,
+            env=env,
+            cwd=cwd,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
 
 
 def stop_server(proc: subprocess.Popen, grace: float = 60.0) -> list[int]:
@@ -128,8 +141,18 @@ def start_mlflow_server(tmp: Path, port: int) -> subprocess.Popen:
     """A real ``mlflow server`` on 127.0.0.1:``port`` (sqlite store and artifacts under
     ``tmp``), up and answering /health when this returns."""
     cmd = [
-        str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-        "--backend-store-uri", f"sqlite:///{tmp / 'srv.db'}", "--artifacts-destination", str(tmp / "art"),
+        str(BIN / "mlflow"),
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+        "--backend-store-uri",
+        f"sqlite:///{tmp / 'srv.db'}",
+        "--artifacts-destination",
+        str(tmp / "art"),
     ]
     log = tmp / f"server-{port}.log"
     proc = start_server(cmd, clean_env(), log, cwd=tmp)

@@ -22,8 +22,14 @@ IP = str(ROOT / "configs" / "inverted_pendulum.yaml")
 
 
 def gogepo(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "gogepo_ray", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=120, env=os.environ | {"PYTHONPATH": str(ROOT)})
+    return subprocess.run(
+        [sys.executable, "-m", "gogepo_ray", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=os.environ | {"PYTHONPATH": str(ROOT)},
+    )
 
 
 def assert_user_error(res: subprocess.CompletedProcess, *needles: str) -> None:
@@ -45,7 +51,10 @@ def assert_user_error(res: subprocess.CompletedProcess, *needles: str) -> None:
         ("critic.lr=0", ["critic.lr", "greater than 0"]),
         ("generator.lr=-1e-6", ["generator.lr"]),
         ("env.id=NoSuchEnv-v9", ["env.id 'NoSuchEnv-v9'", "unknown env id"]),
-        ("env.id=CartPole-v1", ["env.id 'CartPole-v1'", "action space must be a Box, got Discrete"]),
+        (
+            "env.id=CartPole-v1",
+            ["env.id 'CartPole-v1'", "action space must be a Box, got Discrete"],
+        ),
         ("env.id=tests.fault_envs:Missing", ["has no attribute 'Missing'"]),
         ("env.return_max=-500", ["return_max must be greater than return_min"]),
         ("nonsense", ["must look like section.key=value"]),
@@ -62,9 +71,14 @@ def test_dict_observation_space_is_rejected(tmp_path):
         "    observation_space = gym.spaces.Dict({'a': gym.spaces.Box(-1, 1, (2,))})\n"
         "    action_space = gym.spaces.Box(-1, 1, (1,))\n"
     )
-    res = subprocess.run([sys.executable, "-m", "gogepo_ray", "train", IP, "--set", "env.id=dict_env:DictEnv"],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=120,
-                         env=os.environ | {"PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"})
+    res = subprocess.run(
+        [sys.executable, "-m", "gogepo_ray", "train", IP, "--set", "env.id=dict_env:DictEnv"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=os.environ | {"PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"},
+    )
     assert_user_error(res, "observation space must be a Box, got Dict")
 
 
@@ -72,9 +86,13 @@ def test_malformed_yaml_and_missing_config(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("env:\n  id: Hopper-v5\n   return_max: [1,\n")
     assert_user_error(gogepo("train", str(bad), cwd=tmp_path), "bad.yaml is not valid YAML")
-    assert_user_error(gogepo("train", str(tmp_path / "nope.yaml"), cwd=tmp_path), "config file not found")
+    assert_user_error(
+        gogepo("train", str(tmp_path / "nope.yaml"), cwd=tmp_path), "config file not found"
+    )
     (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
-    assert_user_error(gogepo("train", str(tmp_path / "list.yaml"), cwd=tmp_path), "must hold a mapping")
+    assert_user_error(
+        gogepo("train", str(tmp_path / "list.yaml"), cwd=tmp_path), "must hold a mapping"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +106,9 @@ def small_checkpoint(tmp_path_factory) -> Path:
 
 
 def test_checkpoint_errors(small_checkpoint, tmp_path):
-    assert_user_error(gogepo("eval", str(tmp_path / "missing.pt"), cwd=tmp_path), "checkpoint not found")
+    assert_user_error(
+        gogepo("eval", str(tmp_path / "missing.pt"), cwd=tmp_path), "checkpoint not found"
+    )
     assert_user_error(gogepo("eval", str(tmp_path), cwd=tmp_path), "no checkpoint in")
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(small_checkpoint.read_bytes()[:5000])
@@ -97,15 +117,23 @@ def test_checkpoint_errors(small_checkpoint, tmp_path):
     payload = ckpt.load(small_checkpoint)
     payload["config"]["policy"]["hidden"] = [24, 24]
     other = ckpt.save(tmp_path / "other.pt", payload)
-    assert_user_error(gogepo("export", str(other), "--command", "1", "--out", str(tmp_path / "p.pt"), cwd=tmp_path),
-                      "does not match its env/architecture")
+    assert_user_error(
+        gogepo(
+            "export", str(other), "--command", "1", "--out", str(tmp_path / "p.pt"), cwd=tmp_path
+        ),
+        "does not match its env/architecture",
+    )
     # and one for another env
     payload = ckpt.load(small_checkpoint)
     payload["config"]["env"]["id"] = "Hopper-v5"
     other_env = ckpt.save(tmp_path / "hopper.pt", payload)
-    assert_user_error(gogepo("eval", str(other_env), cwd=tmp_path), "does not match its env/architecture")
-    assert_user_error(gogepo("train", "--resume", str(tmp_path / "no-such-run"), cwd=tmp_path),
-                      "run directory not found")
+    assert_user_error(
+        gogepo("eval", str(other_env), cwd=tmp_path), "does not match its env/architecture"
+    )
+    assert_user_error(
+        gogepo("train", "--resume", str(tmp_path / "no-such-run"), cwd=tmp_path),
+        "run directory not found",
+    )
 
 
 def test_checkpoint_with_pickled_code_is_refused(tmp_path):
@@ -134,4 +162,6 @@ def test_crash_while_writing_keeps_the_previous_checkpoint(small_checkpoint, tmp
         ckpt.save(target, good)
     monkeypatch.undo()
     again = ckpt.load(target)
-    assert torch.equal(again["learner"]["generator"]["embeddings.0"], good["learner"]["generator"]["embeddings.0"])
+    assert torch.equal(
+        again["learner"]["generator"]["embeddings.0"], good["learner"]["generator"]["embeddings.0"]
+    )

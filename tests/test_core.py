@@ -94,7 +94,9 @@ def test_policy_actions_match_sequential_per_policy(hidden):
     low, high = torch.tensor(LOW), torch.tensor(HIGH)
     assert torch.all(actions >= low) and torch.all(actions <= high)
     # A shared observation batch equals the same batch given to every policy explicitly.
-    torch.testing.assert_close(actions_shared, policy_actions(spec, params, shared.expand(B, N, -1)))
+    torch.testing.assert_close(
+        actions_shared, policy_actions(spec, params, shared.expand(B, N, -1))
+    )
 
 
 def test_policy_preactivation_and_bound_mapping():
@@ -119,7 +121,9 @@ def test_policy_accepts_split_layers():
     spec = make_spec()
     params = torch.randn(3, spec.num_params)
     obs = torch.randn(5, spec.obs_dim)
-    torch.testing.assert_close(policy_actions(spec, spec.split(params), obs), policy_actions(spec, params, obs))
+    torch.testing.assert_close(
+        policy_actions(spec, spec.split(params), obs), policy_actions(spec, params, obs)
+    )
 
 
 def test_num_params_and_split_join_roundtrip():
@@ -159,7 +163,9 @@ COMMAND_SCALE = 200.0
 
 def make_generator(spec, tile, output_scale=2.0, seed=0, hidden=(32, 32)) -> Generator:
     torch.manual_seed(seed)
-    return Generator(spec, command_scale=COMMAND_SCALE, tile=tile, hidden=hidden, output_scale=output_scale)
+    return Generator(
+        spec, command_scale=COMMAND_SCALE, tile=tile, hidden=hidden, output_scale=output_scale
+    )
 
 
 def reference_generator(gen: Generator, spec: PolicySpec, commands: torch.Tensor) -> torch.Tensor:
@@ -208,7 +214,11 @@ def test_generator_shapes_and_layers(obs_dim, act_dim, hidden, tile):
         torch.testing.assert_close(w, w2, rtol=0, atol=0)
         torch.testing.assert_close(b, b2, rtol=0, atol=0)
     n_layers = len(spec.layer_shapes)
-    expected_kinds = {"input"} | ({"output"} if n_layers > 1 else set()) | ({"hidden"} if n_layers > 2 else set())
+    expected_kinds = (
+        {"input"}
+        | ({"output"} if n_layers > 1 else set())
+        | ({"hidden"} if n_layers > 2 else set())
+    )
     assert set(gen.hypernets.keys()) == expected_kinds
     assert len(gen.embeddings) == n_layers
     for emb, (o, fi) in zip(gen.embeddings, spec.layer_shapes):
@@ -239,10 +249,14 @@ def test_generator_gradients_reach_every_parameter(obs_dim, act_dim, hidden, til
         assert p.grad.abs().sum() > 0, f"{name} got a zero gradient"
     for i, emb in enumerate(gen.embeddings):
         per_tile = emb.grad.abs().sum(dim=1)
-        assert torch.all(per_tile > 0), f"embedding table {i}: tiles {torch.nonzero(per_tile == 0).flatten().tolist()} got no gradient"
+        assert torch.all(per_tile > 0), (
+            f"embedding table {i}: tiles {torch.nonzero(per_tile == 0).flatten().tolist()} got no gradient"
+        )
     e_dim = gen.embeddings[0].shape[1]
     for kind, net in gen.hypernets.items():
-        assert net[0].weight.grad[:, e_dim].abs().sum() > 0, f"command weights of {kind} got no gradient"
+        assert net[0].weight.grad[:, e_dim].abs().sum() > 0, (
+            f"command weights of {kind} got no gradient"
+        )
 
 
 def test_generator_commands_matter_and_scale_is_linear():
@@ -255,14 +269,18 @@ def test_generator_commands_matter_and_scale_is_linear():
 
     gen2 = make_generator(spec, 4, output_scale=2.0)  # same seed, same init
     with torch.no_grad():
-        torch.testing.assert_close(gen2(torch.tensor([0.0, 100.0])), 2 * out[:2], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(
+            gen2(torch.tensor([0.0, 100.0])), 2 * out[:2], atol=1e-6, rtol=1e-5
+        )
 
     # s/sqrt(fan_in): a layer with a 4x larger fan-in, everything else identical, gets
     # outputs 2x smaller. Two tile-aligned layers written by the same "hidden" hypernet.
     spec_sq = make_spec(4, 4, (4, 4, 16, 4), low=(0.0,) * 4, high=(1.0,) * 4)
     gen_sq = make_generator(spec_sq, 4)
     with torch.no_grad():
-        gen_sq.embeddings[3].copy_(gen_sq.embeddings[1].expand(4, -1))  # layer 3 is (4, 16): 1x4 tiles
+        gen_sq.embeddings[3].copy_(
+            gen_sq.embeddings[1].expand(4, -1)
+        )  # layer 3 is (4, 16): 1x4 tiles
         layers = gen_sq.layers(torch.tensor([10.0]))
     w1, b1 = layers[1]  # (4, 4), fan_in 4
     w3, b3 = layers[3]  # (4, 16), fan_in 16; every tile uses layer 1's embedding
@@ -512,8 +530,19 @@ def cfg():
         {
             "env": {"id": ENV_ID, "return_min": 0, "return_max": 1000, "survival_offset": -1},
             "policy": {"hidden": [16, 16]},
-            "generator": {"hidden": [32, 32], "tile": 4, "batch_size": 8, "steps_per_episode": 2, "lr": 1e-3},
-            "critic": {"hidden": [32, 32], "probing_states": 10, "batch_size": 8, "steps_per_episode": 2},
+            "generator": {
+                "hidden": [32, 32],
+                "tile": 4,
+                "batch_size": 8,
+                "steps_per_episode": 2,
+                "lr": 1e-3,
+            },
+            "critic": {
+                "hidden": [32, 32],
+                "probing_states": 10,
+                "batch_size": 8,
+                "steps_per_episode": 2,
+            },
             "buffer": {"capacity": 50},
             "learner": {"num_threads": 1},
             "run": {"seed": 7},
@@ -592,7 +621,9 @@ def test_learner_propose(cfg, spec):
     assert len(set(pb.seeds.tolist())) == 8
     assert pb.obs_count == 0
     mean, std = pb.normalizer()
-    assert np.array_equal(mean, np.zeros(spec.obs_dim)) and np.array_equal(std, np.ones(spec.obs_dim))
+    assert np.array_equal(mean, np.zeros(spec.obs_dim)) and np.array_equal(
+        std, np.ones(spec.obs_dim)
+    )
     # Noise: exploration policies = G(c) + 0.1 eps.
     ev = learner.propose_eval([20.0])
     assert ev.kind == "eval" and ev.policy_params.shape == (1, spec.num_params)
@@ -615,8 +646,13 @@ def test_learner_ingest(cfg, spec):
     learner = Learner(cfg, spec)
     pb = learner.propose(3)
     obs = np.random.default_rng(0).normal(2.0, 3.0, size=(70, spec.obs_dim))
-    batch = make_batch(pb, returns=[100.0, 500.0, 30.0], lengths=[40, 20, 10],
-                       failures=(None, "worker died: env raised", None), obs=obs)
+    batch = make_batch(
+        pb,
+        returns=[100.0, 500.0, 30.0],
+        lengths=[40, 20, 10],
+        failures=(None, "worker died: env raised", None),
+        obs=obs,
+    )
     stats = learner.ingest(batch)
     # survival offset -1: training return = return - length; the failed episode is skipped.
     assert learner.buffer.returns_in_order() == [60.0, 20.0]
@@ -629,7 +665,9 @@ def test_learner_ingest(cfg, spec):
     assert learner.failed_episodes == 1 and stats.failed_episodes == 1
     assert math.isfinite(stats.critic_loss) and math.isfinite(stats.generator_loss)
     assert learner.obs_stats.count == 70
-    assert np.allclose(learner.obs_stats.mean, obs.mean(0)) and np.allclose(learner.obs_stats.var, obs.var(0))
+    assert np.allclose(learner.obs_stats.mean, obs.mean(0)) and np.allclose(
+        learner.obs_stats.var, obs.var(0)
+    )
     # The next policies ask for best + drive, and carry the merged statistics.
     pb2 = learner.propose(2)
     assert np.all(pb2.commands == 80.0)
@@ -680,7 +718,9 @@ def test_learner_update_changes_generator_and_critic(cfg, spec):
     learner.update(1)
     assert set(_changed(g0, learner.generator)) == set(g0.keys())  # every generator tensor moved
     assert set(_changed(c0, learner.critic)) == set(c0.keys())  # incl. probing states
-    assert all(p.requires_grad for p in learner.critic.parameters())  # unfrozen after the generator steps
+    assert all(
+        p.requires_grad for p in learner.critic.parameters()
+    )  # unfrozen after the generator steps
 
     # Generator steps alone leave the critic untouched, critic steps alone the generator.
     cfg_g = cfg.model_copy(deep=True)
@@ -715,7 +755,9 @@ def test_learner_steps_match_manual_adam_steps(cfg, spec):
     learner.critic_step()  # some optimiser state first
     learner.generator_step()
 
-    critic = copy.deepcopy(learner.critic)  # optimiser state deep-copied: load_state_dict shares tensors
+    critic = copy.deepcopy(
+        learner.critic
+    )  # optimiser state deep-copied: load_state_dict shares tensors
     c_opt = torch.optim.Adam(critic.parameters(), lr=cfg.critic.lr)
     c_opt.load_state_dict(copy.deepcopy(learner.critic_opt.state_dict()))
     rng = torch.Generator()
@@ -769,8 +811,14 @@ def _run_a_bit(learner: Learner, rng: np.random.Generator, rounds: int = 2) -> N
     obs_dim = learner.spec.obs_dim
     for _ in range(rounds):
         pb = learner.propose(3)
-        learner.ingest(make_batch(pb, returns=rng.uniform(0, 300, 3), lengths=rng.integers(5, 50, 3),
-                                  obs=rng.normal(size=(20, obs_dim))))
+        learner.ingest(
+            make_batch(
+                pb,
+                returns=rng.uniform(0, 300, 3),
+                lengths=rng.integers(5, 50, 3),
+                obs=rng.normal(size=(20, obs_dim)),
+            )
+        )
 
 
 def test_learner_state_dict_exact_resume(cfg, spec, tmp_path):
@@ -789,10 +837,19 @@ def test_learner_state_dict_exact_resume(cfg, spec, tmp_path):
             assert k == k2 and torch.equal(v, v2), k
     assert a.buffer.returns_in_order() == b.buffer.returns_in_order()
     sa, sb = a.stats(), b.stats()
-    for f in ("env_steps", "episodes", "failed_episodes", "best_return", "buffer_size", "learner_seconds"):
+    for f in (
+        "env_steps",
+        "episodes",
+        "failed_episodes",
+        "best_return",
+        "buffer_size",
+        "learner_seconds",
+    ):
         assert getattr(sa, f) == getattr(sb, f), f
     assert a.next_id == b.next_id
-    assert a.obs_stats.count == b.obs_stats.count and np.array_equal(a.obs_stats.mean, b.obs_stats.mean)
+    assert a.obs_stats.count == b.obs_stats.count and np.array_equal(
+        a.obs_stats.mean, b.obs_stats.mean
+    )
 
     # Identical futures: proposals (noise from the restored RNG), updates, parameters.
     pa, pb_ = a.propose(4), b.propose(4)
@@ -817,7 +874,9 @@ def test_learner_state_dict_exact_resume(cfg, spec, tmp_path):
 
 # ====================================================================== import boundary
 def test_core_imports_no_heavy_frameworks():
-    core = sorted(p.stem for p in (ROOT / "gogepo_ray" / "core").glob("*.py") if p.stem != "__init__")
+    core = sorted(
+        p.stem for p in (ROOT / "gogepo_ray" / "core").glob("*.py") if p.stem != "__init__"
+    )
     assert {"buffer", "critic", "generator", "learner", "normalizer", "policy"} <= set(core)
     code = (
         "import sys, importlib\n"
@@ -826,6 +885,8 @@ def test_core_imports_no_heavy_frameworks():
         "bad = sorted(n for n in ('ray', 'gymnasium', 'mlflow', 'pydantic') if n in sys.modules)\n"
         "print('BAD=' + ','.join(bad))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 0, out.stderr
     assert "BAD=\n" in out.stdout, out.stdout

@@ -9,8 +9,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_readme_config_reference_is_current():
     text = (ROOT / "README.md").read_text()
-    block = text.split("<!-- config-reference:start -->\n", 1)[1].split("<!-- config-reference:end -->", 1)[0]
-    assert block.strip() == reference_markdown().strip(), "regenerate with: python -m gogepo_ray.config"
+    block = text.split("<!-- config-reference:start -->\n", 1)[1].split(
+        "<!-- config-reference:end -->", 1
+    )[0]
+    assert block.strip() == reference_markdown().strip(), (
+        "regenerate with: python -m gogepo_ray.config"
+    )
 
 
 def test_readme_opens_with_the_two_commands_and_ci_runs_the_second():

@@ -44,7 +44,11 @@ TRAIN_STEPS = 8000
 
 def cli(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "gogepo_ray", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "gogepo_ray", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -53,8 +57,13 @@ def trained(ray_session, tmp_path_factory):
     out = tmp_path_factory.mktemp("ip")
     cfg = load_config(
         IP,
-        [*FAST, f"run.total_env_steps={TRAIN_STEPS}", "run.eval_every=1000", f"run.output_dir={out}",
-         "run.checkpoint_every=2000"],
+        [
+            *FAST,
+            f"run.total_env_steps={TRAIN_STEPS}",
+            "run.eval_every=1000",
+            f"run.output_dir={out}",
+            "run.checkpoint_every=2000",
+        ],
     )
     uri = f"sqlite:///{out / 'mlflow.db'}"
     tracker = MLflowTracker(tracking_uri=uri, experiment="e2e")
@@ -64,7 +73,12 @@ def trained(ray_session, tmp_path_factory):
         summary = trainer.finish()
     finally:
         trainer.shutdown()
-    return {"summary": summary, "run_dir": Path(summary["run_dir"]), "uri": uri, "run_id": tracker.run_id}
+    return {
+        "summary": summary,
+        "run_dir": Path(summary["run_dir"]),
+        "uri": uri,
+        "run_id": tracker.run_id,
+    }
 
 
 def test_eval_return_clearly_improves(trained):
@@ -77,8 +91,20 @@ def test_eval_return_clearly_improves(trained):
 
 def test_summary_and_counters(trained):
     s = trained["summary"]
-    for key in ["env_id", "seed", "workers", "env_steps", "episodes", "eval_env_steps", "best_train_return",
-                "eval_history", "final_eval_return", "wall_seconds", "learner_seconds", "rollout_seconds"]:
+    for key in [
+        "env_id",
+        "seed",
+        "workers",
+        "env_steps",
+        "episodes",
+        "eval_env_steps",
+        "best_train_return",
+        "eval_history",
+        "final_eval_return",
+        "wall_seconds",
+        "learner_seconds",
+        "rollout_seconds",
+    ]:
         assert key in s, key
     assert s["workers"] == 2 and s["env_steps"] >= TRAIN_STEPS and s["eval_env_steps"] > 0
     payload = ckpt.load(trained["run_dir"])
@@ -110,14 +136,31 @@ def test_cli_eval_sweep_export(trained, tmp_path):
     out = json.loads(res.stdout)
     assert out["episodes"] == 3 and out["command"] == 500 and out["return_mean"] > 0
 
-    res = cli("sweep", str(run_dir / "checkpoints" / "final.pt"), "--commands", "4", "--episodes", "1",
-              "--out", str(tmp_path / "sw"), cwd=tmp_path)
+    res = cli(
+        "sweep",
+        str(run_dir / "checkpoints" / "final.pt"),
+        "--commands",
+        "4",
+        "--episodes",
+        "1",
+        "--out",
+        str(tmp_path / "sw"),
+        cwd=tmp_path,
+    )
     assert res.returncode == 0, res.stderr
     rows = (tmp_path / "sw.csv").read_text().strip().splitlines()
     assert rows[0].startswith("command,achieved_mean") and len(rows) == 5
     assert (tmp_path / "sw.png").stat().st_size > 1000
 
-    res = cli("export", str(run_dir), "--command", "800", "--out", str(tmp_path / "policy.pt"), cwd=tmp_path)
+    res = cli(
+        "export",
+        str(run_dir),
+        "--command",
+        "800",
+        "--out",
+        str(tmp_path / "policy.pt"),
+        cwd=tmp_path,
+    )
     assert res.returncode == 0, res.stderr
     assert (tmp_path / "policy.pt").is_file()
 
@@ -148,13 +191,21 @@ def test_exported_policy_reproduces_generator(trained, tmp_path):
 def test_cli_train_as_a_user(tmp_path):
     """`gogepo train` in a subprocess: progress, run directory, summary.json, MLflow db."""
     res = cli(
-        "train", IP, *[a for o in FAST for a in ("--set", o)],
-        "--set", "run.total_env_steps=300", "--set", "run.eval_every=150", "--set", f"run.output_dir={tmp_path / 'runs'}",
-        cwd=tmp_path, timeout=400,
+        "train",
+        IP,
+        *[a for o in FAST for a in ("--set", o)],
+        "--set",
+        "run.total_env_steps=300",
+        "--set",
+        "run.eval_every=150",
+        "--set",
+        f"run.output_dir={tmp_path / 'runs'}",
+        cwd=tmp_path,
+        timeout=400,
     )
     assert res.returncode == 0, res.stderr[-3000:]
     assert "run directory:" in res.stderr
-    summary = json.loads(res.stdout[res.stdout.index("{"):])
+    summary = json.loads(res.stdout[res.stdout.index("{") :])
     run_dir = Path(summary["run_dir"])
     run_dir = run_dir if run_dir.is_absolute() else tmp_path / run_dir
     assert json.loads((run_dir / "summary.json").read_text())["env_steps"] >= 300

@@ -32,8 +32,17 @@ IP = str(ROOT / "configs" / "inverted_pendulum.yaml")
 def point_cfg(tmp_path: Path, *extra: str, env: str = "PointEnv", sleep: float = 0.0):
     return load_config(
         None,
-        [*TINY, f"env.id=tests.fault_envs:{env}", f"env.kwargs={{step_sleep: {sleep}}}", "env.return_min=-100",
-         "env.return_max=0", "run.eval_every=200", "run.eval_episodes=2", f"run.output_dir={tmp_path}", *extra],
+        [
+            *TINY,
+            f"env.id=tests.fault_envs:{env}",
+            f"env.kwargs={{step_sleep: {sleep}}}",
+            "env.return_min=-100",
+            "env.return_max=0",
+            "run.eval_every=200",
+            "run.eval_episodes=2",
+            f"run.output_dir={tmp_path}",
+            *extra,
+        ],
     )
 
 
@@ -78,7 +87,13 @@ def test_killed_workers_are_replaced_and_their_episodes_reissued(ray_session, tm
 
 
 def test_worker_restart_limit_stops_the_run(ray_session, tmp_path):
-    cfg = point_cfg(tmp_path, "run.workers=1", "run.total_env_steps=100000", "run.max_worker_restarts=1", sleep=0.01)
+    cfg = point_cfg(
+        tmp_path,
+        "run.workers=1",
+        "run.total_env_steps=100000",
+        "run.max_worker_restarts=1",
+        sleep=0.01,
+    )
     trainer = Trainer(cfg)
     try:
         trainer.run_until(100)
@@ -111,7 +126,13 @@ def _assert_same_state(a: dict, b: dict) -> None:
 
 
 def test_interrupted_then_resumed_run_equals_uninterrupted(ray_session, tmp_path):
-    over = [*TINY, "run.workers=1", "run.eval_every=150", "run.eval_episodes=2", "run.checkpoint_every=100000"]
+    over = [
+        *TINY,
+        "run.workers=1",
+        "run.eval_every=150",
+        "run.eval_episodes=2",
+        "run.checkpoint_every=100000",
+    ]
     cfg_a = load_config(IP, [*over, f"run.output_dir={tmp_path / 'a'}"])
     a = Trainer(cfg_a)
     try:
@@ -141,25 +162,48 @@ def test_sigkilled_driver_resumes_from_its_checkpoint(tmp_path):
     run_dir = tmp_path / "run"
     env = os.environ | {"PYTHONPATH": str(ROOT)}
     args = [sys.executable, "-m", "gogepo_ray", "train", "--no-progress", "--run-dir", str(run_dir)]
-    sets = [*TINY, "env.id=tests.fault_envs:PointEnv", "env.kwargs={step_sleep: 0.002}", "env.return_min=-100",
-            "env.return_max=0", "run.workers=1", "run.total_env_steps=2400", "run.checkpoint_every=400",
-            "run.eval_every=400", "run.eval_episodes=2"]
+    sets = [
+        *TINY,
+        "env.id=tests.fault_envs:PointEnv",
+        "env.kwargs={step_sleep: 0.002}",
+        "env.return_min=-100",
+        "env.return_max=0",
+        "run.workers=1",
+        "run.total_env_steps=2400",
+        "run.checkpoint_every=400",
+        "run.eval_every=400",
+        "run.eval_episodes=2",
+    ]
     overrides = [x for s in sets for x in ("--set", s)]
-    proc = subprocess.Popen([*args, IP, *overrides], cwd=tmp_path, env=env, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [*args, IP, *overrides],
+        cwd=tmp_path,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     latest = run_dir / "checkpoints" / "latest.pt"
     deadline = time.monotonic() + 240
     try:
         while not latest.exists() and time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.5)
-        assert latest.exists(), proc.stderr.read().decode()[-2000:] if proc.poll() is not None else "no checkpoint"
+        assert latest.exists(), (
+            proc.stderr.read().decode()[-2000:] if proc.poll() is not None else "no checkpoint"
+        )
         before = ckpt.load(latest)["learner"]["counters"]
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
         proc.wait(timeout=30)
     assert before["env_steps"] < 2400
-    res = subprocess.run([*args[:-2], "--resume", str(run_dir)], cwd=tmp_path, env=env, capture_output=True,
-                         text=True, timeout=400)
+    res = subprocess.run(
+        [*args[:-2], "--resume", str(run_dir)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     after = ckpt.load(run_dir / "checkpoints" / "final.pt")["learner"]["counters"]
@@ -178,7 +222,9 @@ def test_misbehaving_env_episodes_are_dropped_counted_and_logged(ray_session, tm
     finally:
         trainer.shutdown()
     assert summary["failed_episodes"] > 0 and summary["episodes"] > 0
-    rows = [json.loads(line) for line in (trainer.run_dir / "failures.jsonl").read_text().splitlines()]
+    rows = [
+        json.loads(line) for line in (trainer.run_dir / "failures.jsonl").read_text().splitlines()
+    ]
     reasons = {r["reason"] for r in rows}
     assert any("simulated physics blow-up" in r for r in reasons), reasons
     assert any("non-finite" in r for r in reasons), reasons
@@ -189,20 +235,49 @@ def test_policy_with_nan_output_is_dropped():
     spec = policy_spec("InvertedPendulum-v5", [8])
     params = np.full((2, spec.num_params), 0.1, np.float32)
     params[1, 0] = np.nan
-    batch = ParamBatch("train", np.arange(2), np.arange(2), np.zeros(2), params,
-                       0, np.zeros(spec.obs_dim), np.zeros(spec.obs_dim))
+    batch = ParamBatch(
+        "train",
+        np.arange(2),
+        np.arange(2),
+        np.zeros(2),
+        params,
+        0,
+        np.zeros(spec.obs_dim),
+        np.zeros(spec.obs_dim),
+    )
     result = Rollouts("InvertedPendulum-v5", spec).run(batch)
-    assert result.failures[0] is None and result.failures[1] == "policy produced a non-finite action"
+    assert (
+        result.failures[0] is None and result.failures[1] == "policy produced a non-finite action"
+    )
     # the dropped episode's observations stay out of the statistics delta
     assert result.obs_count == result.lengths[0]
 
 
 def test_every_episode_failing_stops_with_a_clear_error(tmp_path):
-    sets = [*TINY, "env.id=tests.fault_envs:BrokenEnv", "env.return_min=-100", "env.return_max=0",
-            "run.workers=1", "run.max_consecutive_failures=20", f"run.output_dir={tmp_path}"]
+    sets = [
+        *TINY,
+        "env.id=tests.fault_envs:BrokenEnv",
+        "env.return_min=-100",
+        "env.return_max=0",
+        "run.workers=1",
+        "run.max_consecutive_failures=20",
+        f"run.output_dir={tmp_path}",
+    ]
     res = subprocess.run(
-        [sys.executable, "-m", "gogepo_ray", "train", "--no-progress", IP, *[x for s in sets for x in ("--set", s)]],
-        cwd=tmp_path, env=os.environ | {"PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "gogepo_ray",
+            "train",
+            "--no-progress",
+            IP,
+            *[x for s in sets for x in ("--set", s)],
+        ],
+        cwd=tmp_path,
+        env=os.environ | {"PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert res.returncode == 1
     assert "error: the last 20 training episodes all failed" in res.stderr
@@ -215,8 +290,16 @@ def test_inflight_batches_round_trip_and_old_checkpoints_still_resume():
 
     stats = ObsStats(4)
     stats.update(np.random.default_rng(0).normal(1.0, 2.0, size=(50, 4)))
-    batch = ParamBatch("train", np.arange(3), np.arange(3) + 7, np.full(3, 20.0),
-                       np.ones((3, 10), np.float32), stats.count, stats.mean, stats.m2)
+    batch = ParamBatch(
+        "train",
+        np.arange(3),
+        np.arange(3) + 7,
+        np.full(3, 20.0),
+        np.ones((3, 10), np.float32),
+        stats.count,
+        stats.mean,
+        stats.m2,
+    )
     state = _batch_to_state(batch, -1)
     back = _batch_from_state(state, master_count=999)
     assert back.kind == "train" and back.obs_count == 50 and isinstance(back.obs_count, int)
@@ -229,7 +312,9 @@ def test_inflight_batches_round_trip_and_old_checkpoints_still_resume():
     old |= {"obs_mean": torch.from_numpy(mean), "obs_std": torch.from_numpy(std)}
     rebuilt = _batch_from_state(old, master_count=80)
     assert rebuilt.obs_count == 80
-    assert np.allclose(rebuilt.normalizer()[0], mean) and np.allclose(rebuilt.normalizer()[1], std, rtol=1e-6)
+    assert np.allclose(rebuilt.normalizer()[0], mean) and np.allclose(
+        rebuilt.normalizer()[1], std, rtol=1e-6
+    )
     # ... and one issued before any statistics existed still sees raw observations.
     raw = old | {"obs_mean": torch.zeros(4), "obs_std": torch.ones(4)}
     assert _batch_from_state(raw, master_count=80).obs_count == 0

@@ -39,7 +39,13 @@ from tests.servers import (
 
 pytestmark = pytest.mark.e2e
 
-TINY = [*conftest.TINY, "tracking.enabled=true", "run.total_env_steps=200", "run.workers=1", "run.eval_every=100"]
+TINY = [
+    *conftest.TINY,
+    "tracking.enabled=true",
+    "run.total_env_steps=200",
+    "run.workers=1",
+    "run.eval_every=100",
+]
 
 
 @dataclass
@@ -60,16 +66,29 @@ def ray_head(request) -> Head:
     token_file.write_text(token)
     token_file.chmod(0o600)
     auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file)}
-    gcs, dash, client, metrics, agent_http, agent_grpc, runtime_env, node_mgr, obj_mgr = free_ports(9)
+    gcs, dash, client, metrics, agent_http, agent_grpc, runtime_env, node_mgr, obj_mgr = free_ports(
+        9
+    )
     cmd = [
-        str(BIN / "ray"), "start", "--head", "--block",
-        "--node-ip-address=127.0.0.1", f"--port={gcs}",
-        "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true",
-        f"--ray-client-server-port={client}", f"--metrics-export-port={metrics}",
-        f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
-        f"--runtime-env-agent-port={runtime_env}", f"--node-manager-port={node_mgr}",
+        str(BIN / "ray"),
+        "start",
+        "--head",
+        "--block",
+        "--node-ip-address=127.0.0.1",
+        f"--port={gcs}",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dash}",
+        "--include-dashboard=true",
+        f"--ray-client-server-port={client}",
+        f"--metrics-export-port={metrics}",
+        f"--dashboard-agent-listen-port={agent_http}",
+        f"--dashboard-agent-grpc-port={agent_grpc}",
+        f"--runtime-env-agent-port={runtime_env}",
+        f"--node-manager-port={node_mgr}",
         f"--object-manager-port={obj_mgr}",
-        "--num-cpus=4", f"--temp-dir={tmp / 'ray'}", "--disable-usage-stats",
+        "--num-cpus=4",
+        f"--temp-dir={tmp / 'ray'}",
+        "--disable-usage-stats",
     ]
     env = clean_env(**auth, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
     log = tmp / "head.log"
@@ -89,8 +108,14 @@ def ray_head(request) -> Head:
 
 
 def gogepo(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "gogepo_ray", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "gogepo_ray", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def test_submit_follow_succeeds_and_records_mlflow_run(ray_head: Head, tmp_path: Path):
@@ -98,8 +123,18 @@ def test_submit_follow_succeeds_and_records_mlflow_run(ray_head: Head, tmp_path:
     env = {**ray_head.env, "MLFLOW_TRACKING_URI": f"sqlite:///{db}"}
     sets = [a for item in TINY for a in ("--set", item)]
     started = time.monotonic()
-    res = gogepo("submit", "configs/inverted_pendulum.yaml", "--address", ray_head.url, "--follow",
-                 "--timeout", "300", *sets, env=env, timeout=360)
+    res = gogepo(
+        "submit",
+        "configs/inverted_pendulum.yaml",
+        "--address",
+        ray_head.url,
+        "--follow",
+        "--timeout",
+        "300",
+        *sets,
+        env=env,
+        timeout=360,
+    )
     assert res.returncode == 0, f"{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
     job_id = res.stdout.splitlines()[0]
     assert re.fullmatch(r"raysubmit_\w+", job_id), res.stdout[:500]
@@ -135,15 +170,22 @@ def test_submit_follow_succeeds_and_records_mlflow_run(ray_head: Head, tmp_path:
 
 
 def job_status(head: Head, job_id: str) -> str:
-    req = urllib.request.Request(f"{head.url}/api/jobs/{job_id}", headers={"Authorization": f"Bearer {head.token}"})
+    req = urllib.request.Request(
+        f"{head.url}/api/jobs/{job_id}", headers={"Authorization": f"Bearer {head.token}"}
+    )
     with urllib.request.urlopen(req, timeout=10) as resp:
         return json.load(resp)["status"]
 
 
 def test_stop_a_job(ray_head: Head):
-    res = gogepo("submit", "configs/inverted_pendulum.yaml", "--address", ray_head.url,
-                 *[a for item in [*TINY, "run.total_env_steps=1000000"] for a in ("--set", item)],
-                 env={**ray_head.env, "MLFLOW_TRACKING_URI": f"sqlite:///{ray_head.tmp / 'stop.db'}"})
+    res = gogepo(
+        "submit",
+        "configs/inverted_pendulum.yaml",
+        "--address",
+        ray_head.url,
+        *[a for item in [*TINY, "run.total_env_steps=1000000"] for a in ("--set", item)],
+        env={**ray_head.env, "MLFLOW_TRACKING_URI": f"sqlite:///{ray_head.tmp / 'stop.db'}"},
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     job_id = res.stdout.strip()
     deadline = time.monotonic() + 120
@@ -154,16 +196,31 @@ def test_stop_a_job(ray_head: Head):
     assert res.returncode == 0, res.stderr
     assert f"stop requested for {job_id}" in res.stdout
     # --follow ends with the final status and a non-zero exit for anything but SUCCEEDED
-    res = gogepo("jobs", "logs", job_id, "--address", ray_head.url, "--follow", "--timeout", "90",
-                 env=ray_head.env, timeout=150)
+    res = gogepo(
+        "jobs",
+        "logs",
+        job_id,
+        "--address",
+        ray_head.url,
+        "--follow",
+        "--timeout",
+        "90",
+        env=ray_head.env,
+        timeout=150,
+    )
     assert res.returncode == 1, res.stderr[-2000:]
     assert res.stdout.splitlines()[-1].startswith(f"{job_id}: STOPPED"), res.stdout[-2000:]
 
 
 def test_auth_stays_on(ray_head: Head):
     assert http_status(f"{ray_head.url}/api/jobs/") == 401
-    assert http_status(f"{ray_head.url}/api/jobs/", {"Authorization": "Bearer not-the-token"}) == 403
-    assert http_status(f"{ray_head.url}/api/jobs/", {"Authorization": f"Bearer {ray_head.token}"}) == 200
+    assert (
+        http_status(f"{ray_head.url}/api/jobs/", {"Authorization": "Bearer not-the-token"}) == 403
+    )
+    assert (
+        http_status(f"{ray_head.url}/api/jobs/", {"Authorization": f"Bearer {ray_head.token}"})
+        == 200
+    )
 
 
 def _one_error_line(res: subprocess.CompletedProcess) -> str:
@@ -186,14 +243,24 @@ def test_client_errors_are_one_line(ray_head: Head, tmp_path: Path):
     assert "403" in line and "rejected" in line
 
     (port,) = free_ports(1)
-    line = _one_error_line(gogepo("jobs", "list", "--address", f"http://127.0.0.1:{port}", env=ray_head.env))
+    line = _one_error_line(
+        gogepo("jobs", "list", "--address", f"http://127.0.0.1:{port}", env=ray_head.env)
+    )
     assert "cannot reach" in line
 
-    line = _one_error_line(gogepo("jobs", "status", "raysubmit_nosuchjob", "--address", ray_head.url,
-                                  env=ray_head.env))
+    line = _one_error_line(
+        gogepo("jobs", "status", "raysubmit_nosuchjob", "--address", ray_head.url, env=ray_head.env)
+    )
     assert "does not exist" in line
 
     # A bad config fails locally, before anything is uploaded or submitted.
-    res = gogepo("submit", "configs/inverted_pendulum.yaml", "--set", "run.workers=0",
-                 "--address", f"http://127.0.0.1:{port}", env=ray_head.env)
+    res = gogepo(
+        "submit",
+        "configs/inverted_pendulum.yaml",
+        "--set",
+        "run.workers=0",
+        "--address",
+        f"http://127.0.0.1:{port}",
+        env=ray_head.env,
+    )
     assert _one_error_line(res).startswith("error: invalid config") and "run.workers" in res.stderr

@@ -24,7 +24,13 @@ from tests.servers import ROOT, clean_env, free_ports, start_mlflow_server, stop
 pytestmark = pytest.mark.e2e
 
 CONFIG = "configs/inverted_pendulum.yaml"
-TINY = [*conftest.TINY, "tracking.enabled=true", "run.total_env_steps=200", "run.workers=1", "run.eval_every=100"]
+TINY = [
+    *conftest.TINY,
+    "tracking.enabled=true",
+    "run.total_env_steps=200",
+    "run.workers=1",
+    "run.eval_every=100",
+]
 
 
 @dataclass
@@ -47,11 +53,20 @@ def trained(mlflow_server: Server, tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("train")
     token = tmp / "ray_token"  # the local ray.init() needs a token: keep it off ~/.ray/auth_token
     token.write_text(secrets.token_hex(32))
-    env = clean_env(MLFLOW_TRACKING_URI=mlflow_server.url, RAY_AUTH_TOKEN_PATH=str(token),
-                    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")  # local Ray on 127.0.0.1, not the host's IP
+    env = clean_env(
+        MLFLOW_TRACKING_URI=mlflow_server.url,
+        RAY_AUTH_TOKEN_PATH=str(token),
+        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+    )  # local Ray on 127.0.0.1, not the host's IP
     sets = [a for item in [*TINY, f"run.output_dir={tmp / 'runs'}"] for a in ("--set", item)]
-    res = subprocess.run([sys.executable, "-m", "gogepo_ray", "train", CONFIG, *sets, "--no-progress"],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    res = subprocess.run(
+        [sys.executable, "-m", "gogepo_ray", "train", CONFIG, *sets, "--no-progress"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert "warning: MLflow" not in res.stderr, res.stderr[-3000:]
     run_id = next((tmp / "runs").glob("*/mlflow_run_id")).read_text().strip()
@@ -93,6 +108,11 @@ def test_artifacts_uploaded_through_the_server(trained, client, mlflow_server: S
     assert {"config.yaml", "summary.json", "sweep.csv", "learning_curve.png"} <= names, names
     assert "checkpoints/final.pt" in {a.path for a in client.list_artifacts(run_id, "checkpoints")}
     # ... and they are on the server's side, under --artifacts-destination
-    on_server = {p.relative_to(mlflow_server.artifacts).as_posix() for p in mlflow_server.artifacts.rglob("*")
-                 if p.is_file()}
-    assert any(p.endswith(f"{run_id}/artifacts/checkpoints/final.pt") for p in on_server), sorted(on_server)
+    on_server = {
+        p.relative_to(mlflow_server.artifacts).as_posix()
+        for p in mlflow_server.artifacts.rglob("*")
+        if p.is_file()
+    }
+    assert any(p.endswith(f"{run_id}/artifacts/checkpoints/final.pt") for p in on_server), sorted(
+        on_server
+    )

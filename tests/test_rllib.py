@@ -59,10 +59,15 @@ def test_config_builder_gives_validated_config():
 
     gpu = small_config().learners(num_gpus_per_learner=1).to_gogepo_config()
     assert gpu.learner.device == "cuda"
-    bundles = GoGePo.default_resource_request(small_config().learners(num_gpus_per_learner=1)).bundles
+    bundles = GoGePo.default_resource_request(
+        small_config().learners(num_gpus_per_learner=1)
+    ).bundles
     # driver, learner (2 CPUs by default, + the GPU), then one bundle per rollout worker
     assert bundles == [{"CPU": 1.0}, {"CPU": 2.0, "GPU": 1.0}, {"CPU": 1.0}, {"CPU": 1.0}]
-    assert GoGePo.default_resource_request(config.to_dict()).bundles == [{"CPU": 1.0}, {"CPU": 2.0}] + [{"CPU": 1.0}] * 3
+    assert (
+        GoGePo.default_resource_request(config.to_dict()).bundles
+        == [{"CPU": 1.0}, {"CPU": 2.0}] + [{"CPU": 1.0}] * 3
+    )
 
     entry = GoGePoConfig().environment("tests.envs:NoisyPointEnv").env_runners(num_env_runners=1)
     assert entry.to_gogepo_config().env.id == "tests.envs:NoisyPointEnv"
@@ -77,7 +82,10 @@ def test_config_builder_gives_validated_config():
     "build, names",
     [
         (lambda c: c.training(gogepo={"generatr": {"lr": 1e-4}}), "generatr: unknown key"),
-        (lambda c: c.training(gogepo={"generator": {"lr_rate": 1e-4}}), "generator.lr_rate: unknown key"),
+        (
+            lambda c: c.training(gogepo={"generator": {"lr_rate": 1e-4}}),
+            "generator.lr_rate: unknown key",
+        ),
         (lambda c: c.training(gogepo={"generator": {"lr": -1.0}}), "generator.lr"),
         (lambda c: c.training(gogepo={"critic": {"hidden": "big"}}), "critic.hidden"),
         (lambda c: c.training(return_min=10, return_max=5), "env"),
@@ -115,7 +123,13 @@ def test_registered_by_name_whatever_the_import_order():
         "print(ALGORITHMS['GoGePo']()[0].__module__)\n"
     )
     procs = [
-        subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [sys.executable, "-c", code],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for code in (first, second)
     ]
     for proc in procs:
@@ -149,25 +163,44 @@ def _assert_same_learner(a: dict, b: dict) -> None:
 def test_train_save_and_restore_round_trip(ray_session, tmp_path, monkeypatch):
     # Outside Tune an Algorithm's logdir (= its GoGePo run directory) is a fresh
     # directory under ~/ray_results; keep this test's under tmp_path.
-    monkeypatch.setattr("ray.tune.trainable.trainable.DEFAULT_STORAGE_PATH", str(tmp_path / "ray_results"))
+    monkeypatch.setattr(
+        "ray.tune.trainable.trainable.DEFAULT_STORAGE_PATH", str(tmp_path / "ray_results")
+    )
     algo = small_config(workers=2, steps_per_iteration=300).build_algo()
     assert Path(algo.logdir).is_relative_to(tmp_path)
     try:
         result = algo.train()
-        for key in ["num_env_steps_sampled_lifetime", "num_episodes_lifetime", "num_env_steps_trained_lifetime",
-                    "training_iteration", "time_this_iter_s", "done"]:
+        for key in [
+            "num_env_steps_sampled_lifetime",
+            "num_episodes_lifetime",
+            "num_env_steps_trained_lifetime",
+            "training_iteration",
+            "time_this_iter_s",
+            "done",
+        ]:
             assert key in result, key
         runners = result["env_runners"]
-        assert {"episode_return_mean", "num_env_steps_sampled_lifetime", "num_episodes_lifetime"} <= runners.keys()
-        assert result["num_env_steps_sampled_lifetime"] >= 300 and result["num_episodes_lifetime"] > 0
+        assert {
+            "episode_return_mean",
+            "num_env_steps_sampled_lifetime",
+            "num_episodes_lifetime",
+        } <= runners.keys()
+        assert (
+            result["num_env_steps_sampled_lifetime"] >= 300 and result["num_episodes_lifetime"] > 0
+        )
         assert result["timers"]["training_iteration"] > 0 and "learner_seconds" in result["timers"]
-        assert {"critic", "generator"} <= result["losses"].keys() and "best_return" in result["train"]
+        assert {"critic", "generator"} <= result["losses"].keys() and "best_return" in result[
+            "train"
+        ]
         assert result["done"] is False and result["training_iteration"] == 1
 
         path = Path(algo.save_to_path(tmp_path / "ckpt"))
-        assert {"rllib_checkpoint.json", "class_and_ctor_args.pkl", "algorithm_state.pkl", PAYLOAD_FILE} <= {
-            p.name for p in path.iterdir()
-        }
+        assert {
+            "rllib_checkpoint.json",
+            "class_and_ctor_args.pkl",
+            "algorithm_state.pkl",
+            PAYLOAD_FILE,
+        } <= {p.name for p in path.iterdir()}
         saved = ckpt.load(path / PAYLOAD_FILE)  # a plain GoGePo checkpoint, loaded without pickle
         assert saved["progress"]["env_steps"] == result["num_env_steps_sampled_lifetime"]
         assert saved["learner"]["counters"]["env_steps"] <= saved["progress"]["env_steps"]
@@ -187,13 +220,21 @@ def test_train_save_and_restore_round_trip(ray_session, tmp_path, monkeypatch):
         _assert_same_learner(saved, live)
         assert live["progress"]["env_steps"] == saved["progress"]["env_steps"]
         assert live["progress"]["episodes"] == saved["progress"]["episodes"]
-        assert len(live["inflight"]) == len(saved["inflight"])  # unfinished policies, re-issued on resume
+        assert len(live["inflight"]) == len(
+            saved["inflight"]
+        )  # unfinished policies, re-issued on resume
 
         again = restored.train()
         assert again["training_iteration"] == 2
-        assert again["num_env_steps_sampled_lifetime"] >= 600 > result["num_env_steps_sampled_lifetime"]
+        assert (
+            again["num_env_steps_sampled_lifetime"]
+            >= 600
+            > result["num_env_steps_sampled_lifetime"]
+        )
         assert again["num_episodes_lifetime"] > result["num_episodes_lifetime"]
-        evaluation = restored.evaluate()["evaluation"]["env_runners"]  # G(best return), no noise, now
+        evaluation = restored.evaluate()["evaluation"][
+            "env_runners"
+        ]  # G(best return), no noise, now
         assert evaluation["num_episodes"] == 3 and math.isfinite(evaluation["episode_return_mean"])
 
         # restore_from_path into a running algorithm goes back to the checkpoint.
@@ -217,7 +258,11 @@ def test_tune_grid_search_nested_mlflow_runs(ray_session, tmp_path):
         .learners(num_cpus_per_learner=0.5)
         .training(gogepo={"run": {"output_dir": str(tmp_path / "runs")}})
     )
-    assert GoGePo.default_resource_request(config).bundles == [{"CPU": 0.5}, {"CPU": 0.5}, {"CPU": 1.0}]
+    assert GoGePo.default_resource_request(config).bundles == [
+        {"CPU": 0.5},
+        {"CPU": 0.5},
+        {"CPU": 1.0},
+    ]
     config.training(gogepo={"generator": {"lr": tune.grid_search([1e-4, 2e-4])}})
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     results, parent_id = tune_with_mlflow(
@@ -249,7 +294,9 @@ def test_tune_grid_search_nested_mlflow_runs(ray_session, tmp_path):
     exp = client.get_experiment_by_name("rllib-sweep")
     parent = client.get_run(parent_id)
     assert parent.info.status == "FINISHED"
-    children = client.search_runs([exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
+    children = client.search_runs(
+        [exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'"
+    )
     assert len(children) == 2
     assert sorted(c.data.params["generator.lr"] for c in children) == ["0.0001", "0.0002"]
     for child in children:

@@ -19,8 +19,16 @@ ENV = "Pendulum-v1"  # 200 steps always, reward depends on every action
 def _batch(kind, spec, stats: ObsStats, n=2, seed=0):
     rng = np.random.default_rng(seed)
     params = rng.normal(0, 0.3, size=(n, spec.num_params)).astype(np.float32)
-    return ParamBatch(kind, np.arange(n), np.arange(100, 100 + n), np.zeros(n), params,
-                      stats.count, stats.mean.copy(), stats.m2.copy())
+    return ParamBatch(
+        kind,
+        np.arange(n),
+        np.arange(100, 100 + n),
+        np.zeros(n),
+        params,
+        stats.count,
+        stats.mean.copy(),
+        stats.m2.copy(),
+    )
 
 
 def _replay(spec, batch, follow: bool):
@@ -30,7 +38,9 @@ def _replay(spec, batch, follow: bool):
     envs = [gym.make(ENV) for _ in range(n)]
     stats = ObsStats(spec.obs_dim, batch.obs_count, batch.obs_mean.copy(), batch.obs_m2.copy())
     mean, std = batch.normalizer()
-    obs = np.stack([env.reset(seed=int(s))[0] for env, s in zip(envs, batch.seeds)]).astype(np.float32)
+    obs = np.stack([env.reset(seed=int(s))[0] for env, s in zip(envs, batch.seeds)]).astype(
+        np.float32
+    )
     totals = np.zeros(n)
     for _ in range(200):  # Pendulum-v1 always runs 200 steps
         if follow:
@@ -46,7 +56,9 @@ def _replay(spec, batch, follow: bool):
 
 def _master(spec):
     stats = ObsStats(spec.obs_dim)
-    stats.update(np.random.default_rng(3).normal([0.5, 0.2, 1.0], [0.3, 0.5, 2.0], size=(40, spec.obs_dim)))
+    stats.update(
+        np.random.default_rng(3).normal([0.5, 0.2, 1.0], [0.3, 0.5, 2.0], size=(40, spec.obs_dim))
+    )
     return stats
 
 

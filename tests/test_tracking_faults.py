@@ -22,6 +22,7 @@ def kill_now(proc: subprocess.Popen) -> None:
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
 
+
 pytestmark = pytest.mark.e2e
 
 
@@ -33,11 +34,23 @@ def test_training_survives_mlflow_server_outage(ray_session, tmp_path, capfd):
     server = start_mlflow_server(tmp_path, port)
     cfg = load_config(
         None,
-        [*TINY, "env.id=tests.fault_envs:PointEnv", "env.kwargs={step_sleep: 0.003}", "env.return_min=-100",
-         "env.return_max=0", "run.workers=1", "run.total_env_steps=1600", "run.eval_every=200",
-         "run.eval_episodes=1", f"run.output_dir={tmp_path / 'runs'}", "tracking.enabled=true"],
+        [
+            *TINY,
+            "env.id=tests.fault_envs:PointEnv",
+            "env.kwargs={step_sleep: 0.003}",
+            "env.return_min=-100",
+            "env.return_max=0",
+            "run.workers=1",
+            "run.total_env_steps=1600",
+            "run.eval_every=200",
+            "run.eval_episodes=1",
+            f"run.output_dir={tmp_path / 'runs'}",
+            "tracking.enabled=true",
+        ],
     )
-    tracker = MLflowTracker(tracking_uri=uri, experiment="outage", every_seconds=0.0, retry_seconds=1.0)
+    tracker = MLflowTracker(
+        tracking_uri=uri, experiment="outage", every_seconds=0.0, retry_seconds=1.0
+    )
     trainer = Trainer(cfg, callbacks=[JsonlMetrics(every_seconds=0.0), tracker])
     try:
         trainer.run_until(400)

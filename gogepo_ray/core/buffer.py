@@ -56,7 +56,12 @@ class ReplayBuffer:
         """Draw ``batch_size`` pairs: policy_params (B, D), returns (B,)."""
         if len(self) == 0:
             raise RuntimeError("cannot sample from an empty replay buffer")
-        ages = torch.multinomial(self.sample_probabilities(), batch_size, replacement=True, generator=rng) + 1
+        ages = (
+            torch.multinomial(
+                self.sample_probabilities(), batch_size, replacement=True, generator=rng
+            )
+            + 1
+        )
         slots = self._slot_of_age(ages).tolist()
         params = torch.stack([self._params[s] for s in slots])
         returns = torch.tensor([self._returns[s] for s in slots], dtype=torch.float32)
@@ -71,8 +76,14 @@ class ReplayBuffer:
 
     def state_dict(self) -> dict:
         n = len(self)
-        order = list(range(n)) if n < self.capacity else list(range(self._head, n)) + list(range(self._head))
-        params = torch.stack([self._params[i] for i in order]) if n else torch.zeros(0, self.num_params)
+        order = (
+            list(range(n))
+            if n < self.capacity
+            else list(range(self._head, n)) + list(range(self._head))
+        )
+        params = (
+            torch.stack([self._params[i] for i in order]) if n else torch.zeros(0, self.num_params)
+        )
         return {
             "params": params,  # (n, D), oldest first
             "returns": torch.tensor([self._returns[i] for i in order], dtype=torch.float64),

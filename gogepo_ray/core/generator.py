@@ -64,9 +64,12 @@ class Generator(nn.Module):
         n_layers = len(shapes)
         # Which hypernetwork writes each layer. A single-layer (linear) policy uses "input".
         self.layer_kind = [
-            "input" if i == 0 else "output" if i == n_layers - 1 else "hidden" for i in range(n_layers)
+            "input" if i == 0 else "output" if i == n_layers - 1 else "hidden"
+            for i in range(n_layers)
         ]
-        self.tiling = [(math.ceil(o / tile), math.ceil(i / tile)) for o, i in shapes]  # (T_out, T_in)
+        self.tiling = [
+            (math.ceil(o / tile), math.ceil(i / tile)) for o, i in shapes
+        ]  # (T_out, T_in)
         self.fan_in = [i for _, i in shapes]
         # One embedding table per layer; per kind, the layers' tiles are run as one batch.
         self.embeddings = nn.ParameterList(
@@ -98,14 +101,20 @@ class Generator(nn.Module):
                 # First layer on [e, c] without materialising the concatenation: the
                 # embedding part is shared by every command in the batch.
                 h = F.linear(self.embeddings[i], first.weight[:, :e_dim], first.bias)  # (T, H)
-                h = torch.relu(h.unsqueeze(0) + c.unsqueeze(1) * first.weight[:, e_dim])  # (B, T, H)
+                h = torch.relu(
+                    h.unsqueeze(0) + c.unsqueeze(1) * first.weight[:, e_dim]
+                )  # (B, T, H)
                 for module in net[2:-1]:
                     h = module(h)
                 # s/sqrt(fan_in) folded into the output layer (scales a (k*k+k, H) matrix,
                 # not the (B, T, k*k+k) output); weights and bias as two products so that
                 # the backward never slices a large output.
-                w = F.linear(h, last.weight[: k * k] * scale, last.bias[: k * k] * scale)  # (B, T, k*k)
-                b = F.linear(h, last.weight[k * k :] * scale, last.bias[k * k :] * scale)  # (B, T, k)
+                w = F.linear(
+                    h, last.weight[: k * k] * scale, last.bias[: k * k] * scale
+                )  # (B, T, k*k)
+                b = F.linear(
+                    h, last.weight[k * k :] * scale, last.bias[k * k :] * scale
+                )  # (B, T, k)
             w = w.float().reshape(batch, t_out, t_in, k, k)
             w = w.permute(0, 1, 3, 2, 4).reshape(batch, t_out * k, t_in * k)
             b = b.float().reshape(batch, t_out, t_in, k).mean(dim=2).reshape(batch, t_out * k)

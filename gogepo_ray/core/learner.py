@@ -75,10 +75,14 @@ class Learner:
             output_scale=g.output_scale,
             bf16=cfg.learner.precision == "bf16",
         ).to(self.device)
-        self.critic = Critic(spec, probing_states=c.probing_states, hidden=tuple(c.hidden)).to(self.device)
+        self.critic = Critic(spec, probing_states=c.probing_states, hidden=tuple(c.hidden)).to(
+            self.device
+        )
         self.generator_opt = torch.optim.Adam(self.generator.parameters(), lr=g.lr)
         self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=c.lr)
-        self.buffer = ReplayBuffer(cfg.buffer.capacity, spec.num_params, cfg.buffer.recency_exponent)
+        self.buffer = ReplayBuffer(
+            cfg.buffer.capacity, spec.num_params, cfg.buffer.recency_exponent
+        )
         self.obs_stats = ObsStats(spec.obs_dim)
         self.rng = torch.Generator().manual_seed(cfg.run.seed)  # noise and buffer sampling
         self.best_return: float | None = None
@@ -87,7 +91,12 @@ class Learner:
         self.failed_episodes = 0
         self.next_id = {"train": 0, "eval": 0}
         self.learner_seconds = 0.0
-        self._last = {"critic_loss": float("nan"), "generator_loss": float("nan"), "fresh": float("nan"), "return": float("nan")}
+        self._last = {
+            "critic_loss": float("nan"),
+            "generator_loss": float("nan"),
+            "fresh": float("nan"),
+            "return": float("nan"),
+        }
 
     # ------------------------------------------------------------------ proposing policies
     def _batch(self, kind: Kind, commands: np.ndarray, noise: float) -> ParamBatch:
@@ -103,7 +112,9 @@ class Learner:
         return ParamBatch(
             kind=kind,
             episode_ids=ids,
-            seeds=np.array([episode_seed(self.cfg.run.seed, kind, int(i)) for i in ids], dtype=np.int64),
+            seeds=np.array(
+                [episode_seed(self.cfg.run.seed, kind, int(i)) for i in ids], dtype=np.int64
+            ),
             commands=np.asarray(commands, dtype=np.float64),
             policy_params=params.numpy().astype(np.float32),
             obs_count=stats.count,
@@ -165,11 +176,15 @@ class Learner:
         ok = [i for i, f in enumerate(batch.failures) if f is None]
         self.failed_episodes += len(batch.failures) - len(ok)
         # Statistics of every training step count, failed episodes excluded by the worker.
-        self.obs_stats.merge(ObsStats(self.spec.obs_dim, batch.obs_count, batch.obs_mean, batch.obs_m2))
+        self.obs_stats.merge(
+            ObsStats(self.spec.obs_dim, batch.obs_count, batch.obs_mean, batch.obs_m2)
+        )
         if ok:
             params = torch.as_tensor(batch.policy_params[ok])
             train_returns = [
-                training_return(float(batch.returns[i]), int(batch.lengths[i]), self.cfg.env.survival_offset)
+                training_return(
+                    float(batch.returns[i]), int(batch.lengths[i]), self.cfg.env.survival_offset
+                )
                 for i in ok
             ]
             if len(self.buffer) > 0:

@@ -70,4 +70,6 @@ class ObsStats:
     @classmethod
     def from_state_dict(cls, state: dict) -> ObsStats:
         mean = np.asarray(state["mean"], dtype=np.float64)
-        return cls(mean.shape[0], int(state["count"]), mean, np.asarray(state["m2"], dtype=np.float64))
+        return cls(
+            mean.shape[0], int(state["count"]), mean, np.asarray(state["m2"], dtype=np.float64)
+        )

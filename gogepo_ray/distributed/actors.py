@@ -107,7 +107,11 @@ def learner_actor(cfg: Config, spec: PolicySpec, state: dict | None = None):
 
 def rollout_actor(cfg: Config, spec: PolicySpec, index: int):
     """Start rollout worker ``index`` (a replacement takes the index of the one it replaces)."""
-    return ray.remote(RolloutActor).options(num_cpus=1, **placement(LEARNER_BUNDLE + 1 + index)).remote(cfg, spec)
+    return (
+        ray.remote(RolloutActor)
+        .options(num_cpus=1, **placement(LEARNER_BUNDLE + 1 + index))
+        .remote(cfg, spec)
+    )
 
 
 def ensure_ray(cfg: Config) -> None:
