@@ -20,19 +20,23 @@ from gogepo_ray.jobs import JobsError
 USER_ERRORS = (ConfigError, CheckpointError, EnvError, JobsError)
 
 
-def _add_train(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "train", help="train a generator on a local Ray instance (or the cluster in RAY_ADDRESS)"
-    )
-    p.add_argument("config", nargs="?", help="YAML config, e.g. configs/inverted_pendulum.yaml")
+def _add_overrides(p: argparse.ArgumentParser, hint: str) -> None:
     p.add_argument(
         "--set",
         dest="overrides",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override a config value, e.g. --set generator.lr=1e-5 (repeatable)",
+        help=f"override a config value (repeatable); {hint}",
     )
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train", help="train a generator on a local Ray instance (or the cluster in RAY_ADDRESS)"
+    )
+    p.add_argument("config", nargs="?", help="YAML config, e.g. configs/inverted_pendulum.yaml")
+    _add_overrides(p, "e.g. --set generator.lr=1e-5")
     p.add_argument(
         "--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint"
     )
@@ -88,14 +92,7 @@ def _add_jobs(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "config", help="YAML config inside the working directory, e.g. configs/hopper.yaml"
     )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value (repeatable); on a cluster always set run.workers",
-    )
+    _add_overrides(p, "on a cluster always set run.workers")
     _add_address(p)
     p.add_argument(
         "--working-dir",

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,7 @@ from gogepo_ray.core.policy import policy_actions
 from gogepo_ray.envs import policy_spec
 from gogepo_ray.export import load_policy
 from gogepo_ray.trainer import Trainer
+from tests.conftest import run_gogepo
 
 pytestmark = pytest.mark.e2e
 
@@ -43,13 +43,7 @@ TRAIN_STEPS = 8000
 
 
 def cli(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "gogepo_ray", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return run_gogepo(*args, cwd=cwd, timeout=timeout)
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,6 @@ import pytest
 from tests import conftest
 from tests.servers import (
     BIN,
-    ROOT,
     clean_env,
     free_ports,
     http_status,
@@ -108,14 +107,7 @@ def ray_head(request) -> Head:
 
 
 def gogepo(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "gogepo_ray", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return conftest.run_gogepo(*args, env=env, timeout=timeout)
 
 
 def test_submit_follow_succeeds_and_records_mlflow_run(ray_head: Head, tmp_path: Path):
