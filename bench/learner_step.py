@@ -1,6 +1,8 @@
 """Learner benchmark: seconds of learner work per finished episode, without envs or Ray.
 
     python bench/learner_step.py configs/inverted_pendulum.yaml --threads 1 2 --precision fp32 bf16
+    python bench/learner_step.py configs/inverted_pendulum.yaml configs/hopper.yaml \
+        --baseline /tmp/old-checkout        # the same figures for another checkout, side by side
 
 Builds the real ``Learner`` for the config's env and network sizes, fills its buffer with
 ``--fill`` random policies, and times ``update(1)`` (the configured critic steps, then the
@@ -9,6 +11,10 @@ combination of thread count and precision. Prints a table and writes JSON to
 ``bench/results/`` (or ``--out``). ``bench/learning.py`` measures the same quantity inside
 a whole run; this one isolates the arithmetic so precisions and thread counts compare
 on a quiet machine. It runs with the learner actor's malloc settings (``LEARNER_ENV``).
+
+``--baseline DIR`` times a second checkout of the repository (say, the commit before a
+change) in a child process that imports ``gogepo_ray`` from DIR, with the same settings,
+one after the other in the same invocation, and prints old and new side by side.
 """
 
 from __future__ import annotations
@@ -17,7 +23,9 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -65,13 +73,38 @@ def time_updates(
     }
 
 
+def measure_all(args) -> list[dict]:
+    rows = []
+    for config in args.config:
+        env_id = load_config(config, args.overrides).env.id
+        for t in args.threads:
+            for p in args.precision:
+                row = time_updates(
+                    config, args.overrides, t, p, args.fill, args.warmup, args.repeats
+                )
+                rows.append({"config": config, "env_id": env_id, **row})
+    return rows
+
+
+def measure_baseline(directory: str, argv: list[str]) -> list[dict]:
+    """The same measurements with ``gogepo_ray`` imported from another checkout."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "rows.json"
+        env = {**os.environ, **LEARNER_ENV, "PYTHONPATH": str(Path(directory).resolve())}
+        subprocess.run(
+            [sys.executable, __file__, *argv, "--rows-only", "--out", str(out)], env=env, check=True
+        )
+        return json.loads(out.read_text())
+
+
 def main(argv: list[str] | None = None) -> int:
+    raw_argv = list(sys.argv[1:] if argv is None else argv)
     if argv is None and any(os.environ.get(k) != v for k, v in LEARNER_ENV.items()):
         # glibc reads these at start-up: re-run with the learner actor's malloc settings,
         # so that the figures are the ones the learner actor gets.
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **LEARNER_ENV})
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("config", nargs="?", default="configs/inverted_pendulum.yaml")
+    ap.add_argument("config", nargs="*", default=["configs/inverted_pendulum.yaml"])
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--precision", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"])
     ap.add_argument("--fill", type=int, default=200, help="random policies put in the buffer first")
@@ -79,45 +112,44 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--out", default=None)
-    args = ap.parse_args(argv)
-    rows = [
-        time_updates(args.config, args.overrides, t, p, args.fill, args.warmup, args.repeats)
-        for t in args.threads
-        for p in args.precision
-    ]
-    cfg = load_config(args.config, args.overrides)
+    ap.add_argument("--baseline", default=None, metavar="DIR", help="another checkout to time too")
+    ap.add_argument("--rows-only", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args(raw_argv)
+    rows = measure_all(args)
+    if args.rows_only:  # the child of --baseline: imports nothing newer than DIR has
+        Path(args.out).write_text(json.dumps(rows))
+        return 0
+    from gogepo_ray.sysinfo import cpu_info
+
+    child_argv = [a for a in raw_argv if a not in ("--baseline", args.baseline, "--out", args.out)]
+    baseline = measure_baseline(args.baseline, child_argv) if args.baseline else None
     result = {
-        "config": args.config,
-        "env_id": cfg.env.id,
+        "bench": "learner_step",
+        "configs": args.config,
         "overrides": args.overrides,
-        "cpu_flags_bf16": _bf16_flags(),
+        "cpu": cpu_info(),
+        "malloc_env": LEARNER_ENV,
         "rows": rows,
+        "baseline_dir": args.baseline,
+        "baseline_rows": baseline,
     }
     out_dir = Path(__file__).resolve().parent / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
-    out = (
-        Path(args.out)
-        if args.out
-        else out_dir / f"learner-{cfg.env.id}-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    )
+    out = Path(args.out) if args.out else out_dir / f"learner-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.write_text(json.dumps(result, indent=2))
-    print(f"{'threads':>7} {'precision':>9} {'s/episode (median)':>19} {'min':>7}")
-    for r in rows:
-        print(
-            f"{r['threads']:>7} {r['precision']:>9} {r['seconds_per_episode_median']:>19.3f} "
-            f"{r['seconds_per_episode_min']:>7.3f}"
+    head = f"{'env':>20} {'threads':>7} {'precision':>9} {'s/episode (median)':>19} {'min':>7}"
+    print(head + (f" {'baseline median':>15} {'speed-up':>8}" if baseline else ""))
+    for k, r in enumerate(rows):
+        line = (
+            f"{r['env_id']:>20} {r['threads']:>7} {r['precision']:>9} "
+            f"{r['seconds_per_episode_median']:>19.3f} {r['seconds_per_episode_min']:>7.3f}"
         )
+        if baseline:
+            old = baseline[k]["seconds_per_episode_median"]
+            line += f" {old:>15.3f} {old / r['seconds_per_episode_median']:>7.2f}x"
+        print(line)
     print(f"wrote {out}")
     return 0
-
-
-def _bf16_flags() -> list[str]:
-    """The CPU's bf16-related feature flags (Linux), which decide whether bf16 pays off."""
-    try:
-        words = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return []
-    return sorted({w for w in words if w in ("avx512_bf16", "amx_bf16", "amx_tile")})
 
 
 if __name__ == "__main__":

@@ -3,6 +3,13 @@
     python bench/learning.py configs/inverted_pendulum.yaml --seeds 3 --threshold 950 \
         --set run.total_env_steps=10000
     python bench/learning.py configs/hopper.yaml --seeds 1 --max-minutes 30
+    python bench/learning.py configs/hopper.yaml --seeds 2 --max-minutes 30 --threshold 1000 \
+        --profile paper= --profile "fast=policy.hidden=[] learner.updates_per_episode=0.25"
+
+A profile is a named group of ``--set`` overrides (``NAME=KEY=VALUE KEY=VALUE ...``; an empty
+group is the config as it is). Every profile runs every seed, one run at a time, and the
+plots show eval return against wall-clock seconds and against training env steps, one
+line per profile and seed (``<out>.png`` beside the JSON).
 
 For each seed: training env steps and wall seconds to the first evaluation whose mean is
 at or above ``--threshold``, the final evaluation, the learner and rollout seconds and the
@@ -14,12 +21,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
 
 from gogepo_ray.callbacks import JsonlMetrics
 from gogepo_ray.config import load_config
+from gogepo_ray.sysinfo import cpu_info, resolve_precision
 from gogepo_ray.trainer import Trainer
 
 
@@ -98,6 +107,8 @@ def run_seed(
         "learner_seconds": round(summary["learner_seconds"], 1),
         "rollout_seconds": round(summary["rollout_seconds"], 1),
         "learner_seconds_per_episode": round(summary["learner_seconds_per_episode"], 4),
+        "learner_busy": round(summary["learner_seconds"] / max(summary["wall_seconds"], 1e-9), 3),
+        "best_eval_return": max((m for _, m, _ in clock.arrivals), default=None),
         "learner_peak_rss_mib": round(memory["learner"]["peak_rss_bytes"] / mib, 1),
         "worker_peak_rss_mib": round(max(m["peak_rss_bytes"] for m in workers) / mib, 1),
         "buffer_size": summary["episodes"]
@@ -106,6 +117,46 @@ def run_seed(
         "eval_history": [[s, round(m, 1), round(w, 1)] for s, m, w in clock.arrivals],
         "run_dir": summary["run_dir"],
     }
+
+
+def parse_profile(text: str) -> tuple[str, list[str]]:
+    """``NAME=KEY=VALUE KEY=VALUE`` -> (NAME, [overrides])."""
+    name, sep, rest = text.partition("=")
+    if not sep or not name.strip():
+        raise SystemExit(f"--profile {text!r}: expected NAME=KEY=VALUE ... (or NAME= for none)")
+    return name.strip(), shlex.split(rest)
+
+
+def plot_profiles(result: dict, path: Path) -> Path:
+    """Eval return against wall-clock seconds and against env steps, a line per profile+seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (by_time, by_steps) = plt.subplots(1, 2, figsize=(11, 4.2))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for k, profile in enumerate(result["profiles"]):
+        for j, row in enumerate(profile["seeds"]):
+            hist = row["eval_history"]
+            if not hist:
+                continue
+            steps, means, walls = zip(*hist)
+            style = dict(color=colours[k % len(colours)], ls=["-", "--", ":", "-."][j % 4], lw=1.4)
+            label = f"{profile['name']} s{row['seed']}"
+            by_time.plot(walls, means, label=label, **style)
+            by_steps.plot(steps, means, label=label, **style)
+    for ax, xlabel in ((by_time, "wall-clock seconds"), (by_steps, "training env steps")):
+        ax.axhline(result["threshold"], color="grey", lw=0.8, ls=":")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("eval return (10 episodes)")
+        ax.grid(alpha=0.3)
+    by_steps.legend(fontsize=7, loc="upper left")
+    fig.suptitle(f"{result['env_id']}: eval return by profile", fontsize=11, wrap=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,46 +169,72 @@ def main(argv: list[str] | None = None) -> int:
         "--max-minutes", type=float, default=None, help="stop each seed after this much wall time"
     )
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument(
+        "--profile",
+        action="append",
+        default=[],
+        metavar="NAME=KEY=VALUE ...",
+        help="a named group of overrides on top of --set; repeat to compare profiles",
+    )
     ap.add_argument("--out", default=None, help="JSON output path")
     args = ap.parse_args(argv)
+    profiles = [parse_profile(p) for p in args.profile] or [("config", [])]
 
     cfg = load_config(args.config, args.overrides)
     threshold = args.threshold if args.threshold is not None else 0.95 * cfg.env.return_max
     out_dir = Path(__file__).resolve().parent / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for seed in range(args.first_seed, args.first_seed + args.seeds):
-        print(f"{cfg.env.id} seed {seed}", flush=True)
-        rows.append(
-            run_seed(args.config, args.overrides, seed, threshold, args.max_minutes, out_dir)
+    results = []
+    for name, sets in profiles:
+        overrides = [*args.overrides, *sets]
+        pcfg = load_config(args.config, overrides)
+        rows = []
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
+            print(f"{cfg.env.id} profile {name} seed {seed}", flush=True)
+            rows.append(
+                run_seed(args.config, overrides, seed, threshold, args.max_minutes, out_dir)
+            )
+        results.append(
+            {
+                "name": name,
+                "overrides": sets,
+                "precision": resolve_precision(pcfg.learner.precision, pcfg.learner.device),
+                "workers": pcfg.run.workers,
+                "seeds": rows,
+            }
         )
     result = {
         "config": args.config,
         "overrides": args.overrides,
         "env_id": cfg.env.id,
-        "workers": cfg.run.workers,
         "total_env_steps": cfg.run.total_env_steps,
         "max_minutes": args.max_minutes,
         "threshold": threshold,
-        "seeds": rows,
+        "cpu": cpu_info(),
+        "profiles": results,
     }
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out = Path(args.out) if args.out else out_dir / f"learning-{cfg.env.id}-{stamp}.json"
     out.write_text(json.dumps(result, indent=2))
+    png = plot_profiles(result, out.with_suffix(".png"))
 
     head = (
-        f"{'seed':>4} {'steps≥thr':>10} {'wall≥thr s':>10} {'final eval':>10} {'env steps':>9} "
-        f"{'episodes':>8} {'wall s':>7} {'learner s':>9} {'rollout s':>9} {'learner s/ep':>12}"
+        f"{'profile':>10} {'seed':>4} {'steps≥thr':>10} {'wall≥thr s':>10} {'best eval':>9} "
+        f"{'final eval':>10} {'env steps':>9} {'episodes':>8} {'wall s':>7} {'learner busy':>12} "
+        f"{'learner s/ep':>12}"
     )
     print(f"\n{cfg.env.id}, threshold {threshold:g}")
     print(head)
-    for r in rows:
-        print(
-            f"{r['seed']:>4} {str(r['steps_to_threshold']):>10} {str(r['wall_seconds_to_threshold']):>10} "
-            f"{r['final_eval_return']:>10.1f} {r['env_steps']:>9} {r['episodes']:>8} {r['wall_seconds']:>7.0f} "
-            f"{r['learner_seconds']:>9.0f} {r['rollout_seconds']:>9.0f} {r['learner_seconds_per_episode']:>12.3f}"
-        )
-    print(f"\nwrote {out}")
+    for profile in results:
+        for r in profile["seeds"]:
+            print(
+                f"{profile['name']:>10} {r['seed']:>4} {str(r['steps_to_threshold']):>10} "
+                f"{str(r['wall_seconds_to_threshold']):>10} {r['best_eval_return'] or float('nan'):>9.1f} "
+                f"{r['final_eval_return']:>10.1f} {r['env_steps']:>9} {r['episodes']:>8} "
+                f"{r['wall_seconds']:>7.0f} {r['learner_busy']:>12.2f} "
+                f"{r['learner_seconds_per_episode']:>12.3f}"
+            )
+    print(f"\nwrote {out} and {png}")
     return 0
 
 

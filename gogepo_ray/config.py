@@ -131,9 +131,15 @@ class ExplorationConfig(_Section):
 class LearnerConfig(_Section):
     device: str = "cpu"
     """Torch device of the learner: ``cpu`` or ``cuda`` (the learner actor then asks Ray for a GPU)."""
-    precision: Literal["fp32", "bf16"] = "fp32"
-    """Arithmetic of the generator's hypernetworks: bf16 autocast is faster where the CPU has
-    bf16 units (AVX512-BF16/AMX) or on a GPU; parameters and losses stay fp32."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """Arithmetic of the generator's hypernetworks and the critic's fingerprint: bf16 autocast
+    (parameters, optimiser state, predicted returns and losses stay fp32). ``auto``: bf16 on a GPU
+    or a CPU with AMX or AVX512-BF16, where it is faster (``bench/learner_step.py``), else fp32."""
+    updates_per_episode: float = Field(default=1.0, gt=0, le=64)
+    """Critic+generator rounds (``critic.steps_per_episode`` then ``generator.steps_per_episode``) per
+    finished training episode; fractions carry over (0.25: one round every 4 episodes). 1 is the
+    paper's schedule. Below 1 the learner keeps up with more workers, at the cost of more env
+    steps per unit of progress (README "Scaling")."""
     num_threads: int = Field(default=0, ge=0)
     """Torch intra-op threads of the learner; 0: as many as it reserves CPUs (``num_cpus``, at least 1)."""
     num_cpus: float = Field(default=2.0, ge=0)

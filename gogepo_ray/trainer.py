@@ -7,10 +7,14 @@ The CLI, the RLlib ``Algorithm`` and the Ray Job entrypoint all drive this class
     trainer.run_until(cfg.run.total_env_steps)   # or in chunks, as RLlib's train() does
     summary = trainer.finish()
 
-Per worker the driver does: result arrives -> ``learner.ingest`` (buffer + updates) ->
-``learner.propose`` (newest generator, newest obs statistics) -> ``worker.run``. The driver
-never waits for the learner: it passes the learner's result refs straight on to the
-worker, so Ray orders learner work and rollouts by their data dependencies.
+The driver streams: a worker's training result joins the results waiting for the learner;
+whenever the learner is free, every waiting result goes to it in one ``learner.step``
+(buffer, then the rounds those episodes owe, ``learner.updates_per_episode`` each, then
+the next policies of the workers that sent them from the updated generator). The driver
+never waits on that call: it passes the policies' refs straight on to ``worker.run``, so
+Ray orders learner work and rollouts by their data dependencies. A worker thus waits for
+the learner call in progress when its result arrived and the rounds of its own group, and
+with one worker and 1 round per episode the sequence is the paper's.
 """
 
 from __future__ import annotations
@@ -103,7 +107,8 @@ class Trainer:
         self.learner = learner_actor(cfg, self.spec, learner_state)
         self.workers = [rollout_actor(cfg, self.spec, i) for i in range(cfg.run.workers)]
         self._inflight: dict[ray.ObjectRef, tuple[int, ParamBatch | ray.ObjectRef, int]] = {}
-        self._stats_refs: list[ray.ObjectRef] = []
+        self._stats_refs: list[ray.ObjectRef] = []  # learner steps in progress, oldest first
+        self._waiting: list[tuple[int, EpisodeBatch]] = []  # results for the next learner step
         self._consecutive_failures = 0
         self._failure_log = open(self.run_dir / "failures.jsonl", "a")
         self._started = time.perf_counter()
@@ -116,25 +121,47 @@ class Trainer:
         ref = self.workers[worker].run.remote(batch)
         self._inflight[ref] = (worker, batch, issued_at)
 
-    def _next_work(self, worker: int) -> None:
-        """Give a free worker the next of the policies a checkpoint had out on workers, else
-        an evaluation if one is due, else new training policies."""
+    def _other_work(self, worker: int) -> bool:
+        """Give a free worker the next of the policies a checkpoint had out on workers, or an
+        evaluation if one is due. False when it needs new training policies instead."""
         if self._resume_batches:
             self._submit(worker, *self._resume_batches.pop(0))
-        elif self.progress.env_steps >= self.progress.next_eval_at and not self._eval_inflight():
+            return True
+        if self.progress.env_steps >= self.progress.next_eval_at and not self._eval_inflight():
             at = self.progress.next_eval_at
             self.progress.next_eval_at += self.cfg.run.eval_every * max(
                 1, (self.progress.env_steps - at) // self.cfg.run.eval_every + 1
             )
             ref = self.learner.propose_eval.remote(None, self.cfg.run.eval_episodes)
             self._submit(worker, ref, at)
-        else:
+            return True
+        return False
+
+    def _next_work(self, worker: int) -> None:
+        """Work for a worker that brought no training result (start, after an evaluation)."""
+        if not self._other_work(worker):
             self._submit(worker, self.learner.propose.remote(self.cfg.run.envs_per_worker), -1)
+
+    def _dispatch_waiting(self, give_work: bool = True) -> None:
+        """Send every training result waiting for the learner to it in one step; the workers
+        that sent them get their next work (policies from that step, where they need them)."""
+        group, self._waiting = self._waiting, []
+        need = [w for w, _ in group if give_work and not self._other_work(w)]
+        n = self.cfg.run.envs_per_worker
+        refs = self.learner.step.options(num_returns=len(need) + 1).remote(
+            [result for _, result in group], [n] * len(need)
+        )
+        *proposals, stats = refs if need else [refs]
+        for worker, ref in zip(need, proposals):
+            self._submit(worker, ref, -1)
+        self._stats_refs.append(stats)
 
     def _eval_inflight(self) -> bool:
         return any(issued >= 0 for _, _, issued in self._inflight.values())
 
-    def _handle(self, result: EpisodeBatch, issued_at: int) -> None:
+    def _handle(self, result: EpisodeBatch, issued_at: int, worker: int) -> None:
+        """Account for a finished batch: evaluations are recorded, training results join the
+        results waiting for the learner's next step."""
         self.progress.rollout_seconds += result.rollout_seconds
         ok = np.array([f is None for f in result.failures], dtype=bool)
         failed = np.flatnonzero(~ok).tolist()
@@ -160,7 +187,7 @@ class Trainer:
                 f"(run.max_consecutive_failures={self.cfg.run.max_consecutive_failures}); reasons: {'; '.join(reasons)}. "
                 f"Details in {self.run_dir / 'failures.jsonl'}"
             )
-        self._stats_refs.append(self.learner.ingest.remote(result))
+        self._waiting.append((worker, result))
 
     def _log_failures(self, result: EpisodeBatch, failed: list[int]) -> None:
         for i in failed:
@@ -217,20 +244,27 @@ class Trainer:
     def run_until(self, target_env_steps: int) -> None:
         """Stream episodes until ``target_env_steps`` training steps have been taken.
         Work in flight carries over to the next call."""
-        if not self._inflight:
+        if not self._inflight and not self._stats_refs:
             for w in range(len(self.workers)):
                 self._next_work(w)
         while self.progress.env_steps < target_env_steps:
-            ready, _ = ray.wait(list(self._inflight), num_returns=1)
-            worker, result, issued_at = self._collect(ready[0])
-            if result is None:
-                continue
-            self._handle(result, issued_at)
-            self._next_work(worker)
-            self._drain_stats()
+            ready, _ = ray.wait(list(self._inflight) + self._stats_refs[:1], num_returns=1)
+            if self._stats_refs and ready[0] == self._stats_refs[0]:
+                self._drain_stats()
+            else:
+                worker, result, issued_at = self._collect(ready[0])
+                if result is None:
+                    continue
+                self._handle(result, issued_at, worker)
+                if result.kind == "eval":
+                    self._next_work(worker)
+            if self._waiting and not self._stats_refs:  # the learner is free
+                self._dispatch_waiting()
             if self.progress.env_steps >= self.progress.next_checkpoint_at:
                 self.progress.next_checkpoint_at += self.cfg.run.checkpoint_every
                 self.save_checkpoint()
+        if self._waiting:  # every worker leaves with work in flight
+            self._dispatch_waiting()
         self._drain_stats()
 
     # ------------------------------------------------------------------ end of a run
@@ -238,9 +272,11 @@ class Trainer:
         """Finish every episode still running, so counters and buffer agree."""
         while self._inflight:
             ready, _ = ray.wait(list(self._inflight), num_returns=1)
-            _, result, issued_at = self._collect(ready[0])
+            worker, result, issued_at = self._collect(ready[0])
             if result is not None:
-                self._handle(result, issued_at)
+                self._handle(result, issued_at, worker)
+        if self._waiting:
+            self._dispatch_waiting(give_work=False)
         self._drain_stats(block=True)
 
     def run_batch(self, batch: ParamBatch) -> EpisodeBatch:
@@ -292,7 +328,7 @@ class Trainer:
         if self._finished:
             return json.loads((self.run_dir / "summary.json").read_text())
         self._drain_inflight()
-        self._handle(self.evaluate(), self.progress.env_steps)
+        self._handle(self.evaluate(), self.progress.env_steps, -1)
         final_mean = self.last_eval
         self.latest_stats = ray.get(self.learner.stats.remote())
         self.save_checkpoint(final=True)
@@ -336,6 +372,8 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def state(self) -> dict:
         """The whole run state as a checkpoint payload (tensors and plain values only)."""
+        if self._waiting:  # results that arrived belong in the learner state, not in limbo
+            self._dispatch_waiting()
         learner_state = ray.get(self.learner.state_dict.remote())
         progress = self.progress.__dict__ | {"wall_seconds": self.wall_seconds}
         # Policies handed out but not finished yet are part of the state: a resumed run

@@ -66,6 +66,7 @@ class LearnerStats(NamedTuple):
     critic_fresh_error: float  # |V(θ) − R| on episodes before they were trained on
     learner_seconds: float
     update_seconds: float  # this call's update time
+    rounds: int = 0  # critic+generator rounds run so far
 
 
 def episode_seed(run_seed: int, kind: Kind, episode_id: int) -> int:

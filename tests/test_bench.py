@@ -1,10 +1,15 @@
-"""bench/learner_step.py runs on the real Learner and writes what it prints."""
+"""The benches run on the real parts (Learner, Rollouts, Trainer on a local Ray) and write
+what they print. Tiny sizes and seconds: these check behaviour, not speed."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
 from pathlib import Path
+
+import pytest
+
+from tests.conftest import TINY
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -46,9 +51,72 @@ def test_learner_step_bench_writes_json(tmp_path, capsys):
     )
     assert rc == 0
     result = json.loads(out.read_text())
-    assert result["env_id"] == "InvertedPendulum-v5"
+    assert {r["env_id"] for r in result["rows"]} == {"InvertedPendulum-v5"}
+    assert "bf16_flags" in result["cpu"]
     assert [(r["threads"], r["precision"]) for r in result["rows"]] == [(1, "fp32"), (1, "bf16")]
     for row in result["rows"]:
         assert row["critic_steps"] == 4 and row["generator_steps"] == 19  # the reference defaults
         assert 0 < row["seconds_per_episode_min"] <= row["seconds_per_episode_median"]
     assert "s/episode" in capsys.readouterr().out
+
+
+def test_throughput_bench_measures_raw_and_worker_rates(tmp_path, capsys):
+    bench = _load("throughput")
+    out = tmp_path / "throughput.json"
+    rc = bench.main(
+        ["--env", "Pendulum-v1", "--envs", "1", "2", "--hidden", "8", "--seconds", "0.3",
+         "--rounds", "1", "--out", str(out)]
+    )  # fmt: skip
+    assert rc == 0
+    result = json.loads(out.read_text())
+    assert [r["envs_per_worker"] for r in result["rows"]] == [1, 2]
+    for row in result["rows"]:
+        assert row["raw_steps_per_second"] > 0 and row["worker_steps_per_second"] > 0
+        assert row["ratio"] == round(
+            row["worker_steps_per_second"] / row["raw_steps_per_second"], 3
+        )
+    assert "model" in result["cpu"] and "ratio" in capsys.readouterr().out
+
+
+def test_learning_bench_profiles_parse_and_plot(tmp_path):
+    bench = _load("learning")
+    assert bench.parse_profile("paper=") == ("paper", [])
+    assert bench.parse_profile("fast=policy.hidden=[] learner.updates_per_episode=0.25") == (
+        "fast",
+        ["policy.hidden=[]", "learner.updates_per_episode=0.25"],
+    )
+    with pytest.raises(SystemExit):
+        bench.parse_profile("no-equals-sign")
+    result = {
+        "env_id": "pkg.module_with_a_long_name:SomeVeryLongEnvironmentClassName",
+        "threshold": 100.0,
+        "profiles": [
+            {"name": n, "seeds": [{"seed": 0, "eval_history": [[0, 1.0, 2.0], [100, 50.0, 9.0]]}]}
+            for n in ("paper", "fast")
+        ],
+    }
+    png = bench.plot_profiles(result, tmp_path / "curves.png")
+    assert png.stat().st_size > 10_000
+
+
+@pytest.mark.e2e
+def test_scaling_bench_runs_the_trainer_on_the_slow_env(tmp_path, ray_session):
+    bench = _load("scaling")
+    out = tmp_path / "scaling.json"
+    rows = [
+        bench.measure(
+            str(ROOT / "configs" / "slow_env.yaml"),
+            ["env.kwargs.step_seconds=0.001", "env.kwargs.episode_steps=50", *TINY],
+            w,
+            0.25,
+            3.0,
+            str(tmp_path),
+        )
+        for w in (1, 2)
+    ]
+    for row in rows:
+        assert row["env_steps"] > 0 and row["env_steps_per_second"] > 0
+        assert 0 <= row["learner_busy"] <= 1.05
+        # a quarter of a round per episode, give or take the group in flight at the ends
+        assert row["rounds"] <= row["env_steps"] / 50 * 0.25 + 2
+    assert not out.exists()

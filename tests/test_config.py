@@ -230,3 +230,20 @@ def test_env_kwargs_from_yaml_lists_work():
     cfg = load_config(None, ["env.id=tests.envs:NoisyPointEnv", "env.kwargs={target: [1.0, 0.0]}"])
     spec = policy_spec(cfg.env.id, [4], cfg.env.kwargs)
     assert spec.obs_dim == 3 and spec.act_dim == 2
+
+
+def test_precision_auto_follows_the_hardware():
+    from gogepo_ray.sysinfo import bf16_flags, resolve_precision
+
+    assert load_config(None).learner.precision == "auto"
+    expected = "bf16" if bf16_flags() else "fp32"
+    assert resolve_precision("auto", "cpu") == expected
+    assert resolve_precision("auto", "cuda:0") == "bf16"
+    assert resolve_precision("fp32", "cuda") == "fp32"
+    assert resolve_precision("bf16", "cpu") == "bf16"
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "65", "fast"])
+def test_updates_per_episode_must_be_a_positive_number(value):
+    with pytest.raises(ConfigError, match="learner.updates_per_episode"):
+        load_config(None, [f"learner.updates_per_episode={value}"])

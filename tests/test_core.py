@@ -8,6 +8,7 @@ import io
 import math
 import subprocess
 import sys
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -305,6 +306,25 @@ def test_generator_bf16_close_to_fp32():
         a, b = g32(c), g16(c)
     assert b.dtype == torch.float32 and b.shape == a.shape
     assert (a - b).abs().max() < 0.05 * a.abs().max()
+    assert not torch.equal(a, b)  # bf16 really ran: a no-op flag would give fp32's values
+    # The layers the critic consumes stay bf16 (no round trip through fp32).
+    assert all(w.dtype == torch.bfloat16 for w, _ in g16.layers(c))
+
+
+def test_critic_bf16_fingerprint_close_to_fp32_and_returns_stay_fp32():
+    spec = make_spec(3, 2, (20, 7), low=(0.0, -1.0), high=(1.0, 1.0))
+    torch.manual_seed(0)
+    c32 = Critic(spec, probing_states=9, hidden=(16,))
+    c16 = Critic(spec, probing_states=9, hidden=(16,), bf16=True)
+    c16.load_state_dict(c32.state_dict())
+    params = torch.randn(4, spec.num_params) * 0.3
+    f32, f16 = c32.fingerprint(params), c16.fingerprint(params)
+    assert f16.dtype == torch.float32 and not torch.equal(f32, f16)
+    assert (f32 - f16).abs().max() < 0.02
+    v = c16(params)
+    assert v.dtype == torch.float32
+    v.sum().backward()  # gradients reach the fp32 probing states through the bf16 product
+    assert c16.probing_states.grad is not None and c16.probing_states.grad.abs().sum() > 0
 
 
 # ====================================================================== critic
@@ -890,3 +910,76 @@ def test_core_imports_no_heavy_frameworks():
     )
     assert out.returncode == 0, out.stderr
     assert "BAD=\n" in out.stdout, out.stdout
+
+
+# ====================================================================== update schedule
+def _schedule_cfg(cfg, upe: float):
+    data = cfg.model_dump()
+    data["learner"]["updates_per_episode"] = upe
+    from gogepo_ray.config import build_config
+
+    return build_config(data)
+
+
+def _episode(learner, ret: float):
+    pb = learner.propose(1)
+    return make_batch(pb, returns=[ret], lengths=[10])
+
+
+def test_step_with_one_round_per_episode_is_the_papers_sequence(cfg, spec):
+    """``step`` (what the trainer calls) against the paper's loop written out by hand:
+    episode in, one round (critic steps, then generator steps), next policy from the
+    updated generator, in arrival order. Same updates, same policies, bit for bit."""
+    a, b = Learner(cfg, spec), Learner(cfg, spec)
+    first_a, first_b = a.propose(1), b.propose(1)
+    np.testing.assert_array_equal(first_a.policy_params, first_b.policy_params)
+    pa, pb = first_a, first_b
+    for k, ret in enumerate([30.0, 80.0, 55.0, 120.0]):
+        *proposed, stats = a.step([make_batch(pa, [ret], [10])], [1])
+        pa = proposed[0]
+        assert stats.rounds == k + 1 and stats.episodes == k + 1
+        # by hand: take the episode in, one round, then propose
+        b.take_in(make_batch(pb, [ret], [10]))
+        b.update(1)
+        pb = b.propose(1)
+        np.testing.assert_array_equal(pa.policy_params, pb.policy_params)
+    assert a.buffer.returns_in_order() == [20.0, 70.0, 45.0, 110.0]  # arrival order
+    for x, y in zip(a.generator.parameters(), b.generator.parameters()):
+        assert torch.equal(x, y)
+
+
+def test_fractional_updates_per_episode_carry_over(cfg, spec):
+    learner = Learner(_schedule_cfg(cfg, 0.25), spec)
+    rounds = []
+    for k in range(10):
+        learner.ingest(_episode(learner, float(k)))
+        rounds.append(learner.rounds)
+    # one round at the 4th and the 8th episode; 2 episodes' worth (0.5) carried over
+    assert rounds == [0, 0, 0, 1, 1, 1, 1, 2, 2, 2]
+    assert learner.rounds_owed == Fraction(1, 2)
+    # a group of episodes owes its rounds together: 0.5 + 6 x 0.25 = 2 rounds
+    batches = [_episode(learner, 1.0) for _ in range(6)]
+    *_, stats = learner.step(batches, [])
+    assert stats.rounds == 4 and learner.rounds_owed == 0
+    # 0.1 is exact too: 10 episodes are one round, not 0.999...
+    tenth = Learner(_schedule_cfg(cfg, 0.1), spec)
+    tenth.step([_episode(tenth, 1.0) for _ in range(10)], [])
+    assert tenth.rounds == 1 and tenth.rounds_owed == 0
+
+
+def test_rounds_owed_survive_a_checkpoint(cfg, spec):
+    a = Learner(_schedule_cfg(cfg, 0.25), spec)
+    for k in range(3):
+        a.ingest(_episode(a, float(k)))
+    b = Learner(_schedule_cfg(cfg, 0.25), spec)
+    b.load_state_dict(a.state_dict())
+    assert b.rounds_owed == a.rounds_owed == Fraction(3, 4) and b.rounds == 0
+    a.ingest(_episode(a, 5.0))
+    b.ingest(_episode(b, 5.0))
+    assert a.rounds == b.rounds == 1
+
+
+def test_several_updates_per_episode(cfg, spec):
+    learner = Learner(_schedule_cfg(cfg, 2), spec)
+    learner.step([_episode(learner, 1.0), _episode(learner, 2.0)], [1, 1])
+    assert learner.rounds == 4

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import gymnasium as gym
 import numpy as np
+import pytest
 import torch
 
 from gogepo_ray.core.normalizer import ObsStats
-from gogepo_ray.core.policy import policy_actions
+from gogepo_ray.core.policy import PolicySpec, policy_actions
 from gogepo_ray.envs import policy_spec
-from gogepo_ray.rollout import Rollouts
+from gogepo_ray.rollout import Rollouts, worker_actions
 from gogepo_ray.types import ParamBatch
 
 ENV = "Pendulum-v1"  # 200 steps always, reward depends on every action
@@ -87,3 +88,30 @@ def test_first_policies_of_a_run_see_raw_observations():
     result = Rollouts(ENV, spec).run(batch)
     assert np.allclose(result.returns, _replay(spec, batch, False), rtol=1e-5)
     assert result.obs_count == 400
+
+
+@pytest.mark.parametrize(
+    "obs_dim,act_dim,hidden",
+    [(3, 1, (16, 16)), (11, 3, (256, 256)), (17, 6, (64,)), (5, 2, ())],
+)
+def test_worker_forward_gives_the_torch_policys_actions(obs_dim, act_dim, hidden):
+    """The worker's compiled per-step forward against ``core.policy.policy_actions`` (the
+    torch maths the critic and export use): same actions within float32 rounding, for
+    deep, shallow and linear policies and asymmetric action bounds."""
+    rng = np.random.default_rng(obs_dim)
+    low = tuple(rng.uniform(-2, 0, act_dim))
+    high = tuple(np.asarray(low) + rng.uniform(0.5, 3, act_dim))
+    spec = PolicySpec(obs_dim, act_dim, hidden, low, high)
+    parts = []
+    for out, inp in spec.layer_shapes:
+        parts += [rng.normal(0, 1.5 / np.sqrt(inp), (6, out * inp)), rng.normal(0, 0.3, (6, out))]
+    params = np.concatenate(parts, axis=1).astype(np.float32)  # (6, D)
+    obs = rng.normal(0, 2, (6, obs_dim))
+    expected = policy_actions(
+        spec, torch.from_numpy(params), torch.from_numpy(obs.astype(np.float32))[:, None]
+    )[:, 0].numpy()
+    got = worker_actions(spec, params, obs)
+    assert got.shape == expected.shape == (6, act_dim)
+    span = np.asarray(high) - np.asarray(low)
+    assert np.all(np.abs(got - expected) <= 2e-5 * span), np.abs(got - expected).max()
+    assert np.all(got >= np.asarray(low)) and np.all(got <= np.asarray(high))

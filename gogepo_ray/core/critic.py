@@ -8,9 +8,15 @@ s_1..s_P are fed to the policy, and its actions on them, concatenated, form the 
 
 The probing states live in the policy's input space (normalised observations); the
 fingerprint holds the actions as the env would receive them (within the action bounds).
+
+With ``bf16`` the fingerprint (B policies on P probing states: the critic's large
+product) runs under bf16 autocast, like the generator's hypernetworks; the head and the
+predicted return stay fp32, where a return of 1000 keeps its units.
 """
 
 from __future__ import annotations
+
+from contextlib import nullcontext
 
 import torch
 from torch import nn
@@ -23,17 +29,30 @@ class Critic(nn.Module):
     """V(policy_params) -> predicted return, batched over policies."""
 
     def __init__(
-        self, spec: PolicySpec, *, probing_states: int = 200, hidden: tuple[int, ...] = (256, 256)
+        self,
+        spec: PolicySpec,
+        *,
+        probing_states: int = 200,
+        hidden: tuple[int, ...] = (256, 256),
+        bf16: bool = False,
     ) -> None:
         super().__init__()
         self.spec = spec
+        self.bf16 = bf16
         self.probing_states = nn.Parameter(torch.rand(probing_states, spec.obs_dim))  # (P, obs_dim)
         self.head = mlp([probing_states * spec.act_dim, *hidden, 1])
 
     def fingerprint(self, policy_params: torch.Tensor | Layers) -> torch.Tensor:
         """(B, D) flat or per-layer -> (B, P * act_dim): the policies' actions on the probing states."""
-        actions = policy_actions(self.spec, policy_params, self.probing_states)  # (B, P, act_dim)
-        return actions.reshape(actions.shape[0], -1)
+        states = self.probing_states
+        autocast = (
+            torch.autocast(device_type=states.device.type, dtype=torch.bfloat16)
+            if self.bf16
+            else nullcontext()
+        )
+        with autocast:
+            actions = policy_actions(self.spec, policy_params, states)  # (B, P, act_dim)
+        return actions.reshape(actions.shape[0], -1).float()
 
     def forward(self, policy_params: torch.Tensor | Layers) -> torch.Tensor:
         """(B, D) -> (B,) predicted returns."""

@@ -87,7 +87,11 @@ class Generator(nn.Module):
         return nullcontext()
 
     def layers(self, command: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """command (B,) raw returns -> per policy layer (W (B, out, in), b (B, out))."""
+        """command (B,) raw returns -> per policy layer (W (B, out, in), b (B, out)).
+
+        Under bf16 the layers stay bf16: the critic consumes them under the same autocast,
+        and a round trip through fp32 would only add copies (the values are bf16 either
+        way). :meth:`forward` returns fp32 parameters."""
         c = (command.reshape(-1, 1) / self.command_scale).to(self.embeddings[0].dtype)  # (B, 1)
         batch, k = c.shape[0], self.tile
         e_dim = self.embeddings[0].shape[1]
@@ -115,9 +119,10 @@ class Generator(nn.Module):
                 b = F.linear(
                     h, last.weight[k * k :] * scale, last.bias[k * k :] * scale
                 )  # (B, T, k)
-            w = w.float().reshape(batch, t_out, t_in, k, k)
+            w = w.reshape(batch, t_out, t_in, k, k)
             w = w.permute(0, 1, 3, 2, 4).reshape(batch, t_out * k, t_in * k)
-            b = b.float().reshape(batch, t_out, t_in, k).mean(dim=2).reshape(batch, t_out * k)
+            b = b.float().reshape(batch, t_out, t_in, k).mean(dim=2).to(w.dtype)
+            b = b.reshape(batch, t_out * k)
             o, fi = self.spec.layer_shapes[i]
             if (o, fi) != (t_out * k, t_in * k):  # crop the padding (only when sizes need it)
                 w, b = w[:, :o, :fi], b[:, :o]
@@ -125,5 +130,5 @@ class Generator(nn.Module):
         return out_layers
 
     def forward(self, command: torch.Tensor) -> torch.Tensor:
-        """command (B,) raw returns -> policy_params (B, D)."""
-        return self.spec.join(self.layers(command))
+        """command (B,) raw returns -> policy_params (B, D), float32."""
+        return self.spec.join(self.layers(command)).float()

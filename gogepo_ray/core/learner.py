@@ -3,9 +3,14 @@ master observation statistics, with the update loop of the paper (Algorithm 1).
 
 Per finished training episode (θ, R):
   1. R_train = R + survival_offset · length; store (θ, R_train) in the buffer.
-  2. ``critic.steps_per_episode`` critic steps:     min_V  mean (V(θ_i) − R_i)²
-  3. ``generator.steps_per_episode`` generator steps, V frozen, commands c_i = buffer
+  2. ``learner.updates_per_episode`` rounds (1 in the paper; a fraction carries over), each:
+     ``critic.steps_per_episode`` critic steps:       min_V  mean (V(θ_i) − R_i)²
+     ``generator.steps_per_episode`` generator steps, V frozen, commands c_i = buffer
      returns:                                        min_G  mean (V(G(c_i)) − c_i)²
+With many workers the learner takes in every episode that arrived since its last update
+(:meth:`Learner.step`), runs the rounds they owe, then writes the next policies of the
+workers that sent them. With one worker and 1 round per episode this is the paper's
+sequence: episode, round, next policy.
 Exploration: command c = best training return so far + drive; θ = G(c) + σ·ε, ε ~ N(0, I).
 Evaluation: G(best training return), no noise.
 
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import math
 import time
+from fractions import Fraction
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -27,6 +33,7 @@ from gogepo_ray.core.critic import Critic
 from gogepo_ray.core.generator import Generator
 from gogepo_ray.core.normalizer import ObsStats
 from gogepo_ray.core.policy import PolicySpec
+from gogepo_ray.sysinfo import resolve_precision
 from gogepo_ray.types import EpisodeBatch, Kind, LearnerStats, ParamBatch, episode_seed
 
 if TYPE_CHECKING:
@@ -66,6 +73,8 @@ class Learner:
         torch.set_num_threads(cfg.learner.num_threads or max(1, math.ceil(cfg.learner.num_cpus)))
         torch.manual_seed(cfg.run.seed)
         g, c = cfg.generator, cfg.critic
+        self.precision = resolve_precision(cfg.learner.precision, cfg.learner.device)
+        bf16 = self.precision == "bf16"
         self.generator = Generator(
             spec,
             command_scale=cfg.env.return_max - cfg.env.return_min,
@@ -73,13 +82,14 @@ class Learner:
             embedding_dim=g.embedding_dim,
             hidden=tuple(g.hidden),
             output_scale=g.output_scale,
-            bf16=cfg.learner.precision == "bf16",
+            bf16=bf16,
         ).to(self.device)
-        self.critic = Critic(spec, probing_states=c.probing_states, hidden=tuple(c.hidden)).to(
-            self.device
-        )
-        self.generator_opt = torch.optim.Adam(self.generator.parameters(), lr=g.lr)
-        self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=c.lr)
+        self.critic = Critic(
+            spec, probing_states=c.probing_states, hidden=tuple(c.hidden), bf16=bf16
+        ).to(self.device)
+        # fused: one kernel per step for all parameters instead of a dozen ops per tensor
+        self.generator_opt = torch.optim.Adam(self.generator.parameters(), lr=g.lr, fused=True)
+        self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=c.lr, fused=True)
         self.buffer = ReplayBuffer(
             cfg.buffer.capacity, spec.num_params, cfg.buffer.recency_exponent
         )
@@ -91,6 +101,10 @@ class Learner:
         self.failed_episodes = 0
         self.next_id = {"train": 0, "eval": 0}
         self.learner_seconds = 0.0
+        # Rounds per episode as an exact fraction, so that 0.1 × 10 episodes is 1 round.
+        self.updates_per_episode = Fraction(str(cfg.learner.updates_per_episode))
+        self.rounds_owed = Fraction(0)  # carried over between updates, always < 1 after one
+        self.rounds = 0
         self._last = {
             "critic_loss": float("nan"),
             "generator_loss": float("nan"),
@@ -153,10 +167,11 @@ class Learner:
         self.generator_opt.step()
         return loss.item()
 
-    def update(self, n_episodes: int) -> tuple[float, float]:
-        """The configured critic then generator steps, once per finished episode."""
+    def update(self, rounds: int) -> tuple[float, float]:
+        """``rounds`` rounds of the configured critic steps, then generator steps."""
         closs, gloss = float("nan"), float("nan")
-        for _ in range(n_episodes):
+        self.rounds += rounds
+        for _ in range(rounds):
             for _ in range(self.cfg.critic.steps_per_episode):
                 closs = self.critic_step()
             self.critic.requires_grad_(False)
@@ -167,41 +182,70 @@ class Learner:
                 self.critic.requires_grad_(True)
         return closs, gloss
 
-    def ingest(self, batch: EpisodeBatch) -> LearnerStats:
-        """Add a worker's finished training episodes to the buffer, merge its observation
-        statistics, and run the per-episode updates."""
+    def take_in(self, batch: EpisodeBatch) -> int:
+        """Add a worker's finished training episodes to the buffer and merge its observation
+        statistics; they then owe ``updates_per_episode`` rounds each. Returns how many
+        episodes were taken in (failed ones are counted and dropped)."""
         if batch.kind != "train":
             raise ValueError("only training episodes enter the learner")
-        start = time.perf_counter()
         ok = [i for i, f in enumerate(batch.failures) if f is None]
         self.failed_episodes += len(batch.failures) - len(ok)
         # Statistics of every training step count, failed episodes excluded by the worker.
         self.obs_stats.merge(
             ObsStats(self.spec.obs_dim, batch.obs_count, batch.obs_mean, batch.obs_m2)
         )
-        if ok:
-            params = torch.as_tensor(batch.policy_params[ok])
-            train_returns = [
-                training_return(
-                    float(batch.returns[i]), int(batch.lengths[i]), self.cfg.env.survival_offset
-                )
-                for i in ok
-            ]
-            if len(self.buffer) > 0:
-                with torch.no_grad():
-                    pred = self.critic(params.to(self.device)).cpu()
-                self._last["fresh"] = float((pred - torch.tensor(train_returns)).abs().mean())
-            for p, r in zip(params, train_returns):
-                self.buffer.add(p, r)
-                self.best_return = r if self.best_return is None else max(self.best_return, r)
-            self._last["return"] = float(np.mean(train_returns))
-            self.env_steps += int(batch.lengths[ok].sum())
-            self.episodes += len(ok)
-            closs, gloss = self.update(len(ok))
+        if not ok:
+            return 0
+        params = torch.as_tensor(batch.policy_params[ok])
+        train_returns = [
+            training_return(
+                float(batch.returns[i]), int(batch.lengths[i]), self.cfg.env.survival_offset
+            )
+            for i in ok
+        ]
+        if len(self.buffer) > 0:
+            with torch.no_grad():
+                pred = self.critic(params.to(self.device)).cpu()
+            self._last["fresh"] = float((pred - torch.tensor(train_returns)).abs().mean())
+        for p, r in zip(params, train_returns):
+            self.buffer.add(p, r)
+            self.best_return = r if self.best_return is None else max(self.best_return, r)
+        self._last["return"] = float(np.mean(train_returns))
+        self.env_steps += int(batch.lengths[ok].sum())
+        self.episodes += len(ok)
+        self.rounds_owed += self.updates_per_episode * len(ok)
+        return len(ok)
+
+    def update_owed(self) -> None:
+        """Run the whole rounds owed; a fraction of a round carries over."""
+        rounds = math.floor(self.rounds_owed)
+        if rounds > 0:
+            self.rounds_owed -= rounds
+            closs, gloss = self.update(rounds)
             self._last["critic_loss"], self._last["generator_loss"] = closs, gloss
+
+    def ingest(self, batch: EpisodeBatch) -> LearnerStats:
+        """Take in one worker's finished training episodes and run the rounds they owe."""
+        start = time.perf_counter()
+        self.take_in(batch)
+        self.update_owed()
         took = time.perf_counter() - start
         self.learner_seconds += took
         return self.stats(took)
+
+    def step(self, batches: list[EpisodeBatch], proposals: list[int]) -> list:
+        """The streaming update: take in every training episode that arrived since the last
+        step (``batches``, in arrival order), run the rounds they owe, then write one batch of
+        ``n`` exploration policies from the updated generator for every ``n`` in
+        ``proposals``. Returns those ParamBatches, then the LearnerStats."""
+        start = time.perf_counter()
+        for batch in batches:
+            self.take_in(batch)
+        self.update_owed()
+        out: list = [self.propose(n) for n in proposals]
+        took = time.perf_counter() - start
+        self.learner_seconds += took
+        return [*out, self.stats(took)]
 
     def stats(self, update_seconds: float = 0.0) -> LearnerStats:
         return LearnerStats(
@@ -216,6 +260,7 @@ class Learner:
             critic_fresh_error=self._last["fresh"],
             learner_seconds=self.learner_seconds,
             update_seconds=update_seconds,
+            rounds=self.rounds,
         )
 
     # ------------------------------------------------------------------ checkpointing
@@ -239,6 +284,8 @@ class Learner:
                 "next_train_id": self.next_id["train"],
                 "next_eval_id": self.next_id["eval"],
                 "learner_seconds": self.learner_seconds,
+                "rounds": self.rounds,
+                "rounds_owed": [self.rounds_owed.numerator, self.rounds_owed.denominator],
             },
         }
 
@@ -260,3 +307,6 @@ class Learner:
         self.failed_episodes = int(c["failed_episodes"])
         self.next_id = {"train": int(c["next_train_id"]), "eval": int(c["next_eval_id"])}
         self.learner_seconds = float(c["learner_seconds"])
+        # Checkpoints from before the schedule existed ran 1 round per episode, none owed.
+        self.rounds = int(c.get("rounds", self.episodes))
+        self.rounds_owed = Fraction(*c.get("rounds_owed", (0, 1)))

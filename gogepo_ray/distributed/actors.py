@@ -41,6 +41,10 @@ class LearnerActor:
     def ingest(self, batch: EpisodeBatch) -> LearnerStats:
         return self.learner.ingest(batch)
 
+    def step(self, batches: list[EpisodeBatch], proposals: list[int]) -> list:
+        out = self.learner.step(batches, proposals)
+        return out if len(out) > 1 else out[0]  # Ray unpacks a list only for num_returns > 1
+
     def propose(self, n: int) -> ParamBatch:
         return self.learner.propose(n)
 

@@ -1,0 +1,163 @@
+"""Rollout throughput: a worker's env steps/s against the env's own zero-action rate.
+
+    python bench/throughput.py                       # HalfCheetah-v5 and Hopper-v5, 1 and 4 envs
+    python bench/throughput.py --env Hopper-v5 --envs 1 2 8 --hidden 256 256 --seconds 10
+
+For every env, one process on one core (torch and BLAS pinned to 1 thread) measures:
+  - raw:    ``gym.make(id).step(zeros)`` in a loop, resetting when an episode ends;
+  - worker: ``Rollouts.run`` (the rollout actor's body) on training batches of
+            ``envs`` random policies, with observation statistics following every step,
+            exactly as a worker runs them during training.
+Both use the same env kwargs. Hopper is built with ``terminate_when_unhealthy=False`` so
+that episodes are long (1000 steps) whatever the policy does: the figure is the per-step
+cost, not the reset cost. Prints a table and writes JSON (with the CPU's flags) to
+``bench/results/`` (or ``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import gymnasium as gym  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from gogepo_ray.core.normalizer import ObsStats  # noqa: E402
+from gogepo_ray.envs import make_env, policy_spec  # noqa: E402
+from gogepo_ray.rollout import Rollouts  # noqa: E402
+from gogepo_ray.sysinfo import cpu_info  # noqa: E402
+from gogepo_ray.types import ParamBatch  # noqa: E402
+
+LONG_EPISODES = {"Hopper-v5": {"terminate_when_unhealthy": False}}
+
+
+def raw_rate(env_id: str, kwargs: dict, seconds: float) -> float:
+    """Zero-action ``env.step`` calls per second of a plain ``gym.make`` env."""
+    env = gym.make(env_id, **kwargs)
+    action = np.zeros(env.action_space.shape, env.action_space.dtype)
+    env.reset(seed=0)
+    steps, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        for _ in range(200):
+            _, _, terminated, truncated, _ = env.step(action)
+            if terminated or truncated:
+                env.reset()
+        steps += 200
+    rate = steps / (time.perf_counter() - start)
+    env.close()
+    return rate
+
+
+def worker_rate(env_id: str, kwargs: dict, hidden: list[int], envs: int, seconds: float) -> dict:
+    """Env steps per second of ``Rollouts.run`` on training batches of ``envs`` policies."""
+    spec = policy_spec(env_id, hidden, kwargs)
+    rng = np.random.default_rng(0)
+    # Weights scaled by 1/sqrt(fan_in), as a fresh generator writes them.
+    parts = []
+    for out, inp in spec.layer_shapes:
+        parts += [rng.normal(0, 1 / np.sqrt(inp), (envs, out * inp)), np.zeros((envs, out))]
+    params = np.concatenate(parts, axis=1).astype(np.float32)
+    # Master statistics from a short zero-action run, so training policies follow them.
+    env = make_env(env_id, kwargs)
+    obs = [env.reset(seed=0)[0]]
+    for _ in range(99):
+        obs.append(env.step(np.zeros(spec.act_dim, np.float32))[0])
+    env.close()
+    stats = ObsStats(spec.obs_dim)
+    stats.update(np.stack(obs))
+    rollouts = Rollouts(env_id, spec, env_kwargs=kwargs)
+
+    def batch(i: int) -> ParamBatch:
+        ids = np.arange(i, i + envs)
+        return ParamBatch(
+            "train", ids, ids, np.zeros(envs), params, stats.count, stats.mean, stats.m2
+        )
+
+    rollouts.run(batch(0))  # untimed: envs built, compiled code loaded
+    steps, batches, start, i = 0, 0, time.perf_counter(), envs
+    while time.perf_counter() - start < seconds or batches == 0:
+        result = rollouts.run(batch(i))
+        steps += int(result.lengths.sum())
+        batches += 1
+        i += envs
+    elapsed = time.perf_counter() - start
+    rollouts.close()
+    return {"steps": steps, "batches": batches, "steps_per_second": steps / elapsed}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--env", nargs="+", default=["HalfCheetah-v5", "Hopper-v5"])
+    ap.add_argument("--envs", type=int, nargs="+", default=[1, 4], help="envs per worker")
+    ap.add_argument("--hidden", type=int, nargs="+", default=[256, 256])
+    ap.add_argument("--seconds", type=float, default=4.0, help="per measurement")
+    ap.add_argument(
+        "--rounds", type=int, default=3, help="raw and worker measured alternately, medians kept"
+    )
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    rows = []
+    for env_id in args.env:
+        kwargs = LONG_EPISODES.get(env_id, {})
+        for n in args.envs:
+            # Alternate the two measurements so that a slow patch of the machine hits both.
+            raw, worker = [], []
+            for _ in range(args.rounds):
+                raw.append(raw_rate(env_id, kwargs, args.seconds))
+                worker.append(worker_rate(env_id, kwargs, args.hidden, n, args.seconds))
+            raw_med = statistics.median(raw)
+            worker_med = statistics.median(w["steps_per_second"] for w in worker)
+            rows.append(
+                {
+                    "env_id": env_id,
+                    "env_kwargs": kwargs,
+                    "envs_per_worker": n,
+                    "raw_steps_per_second": round(raw_med, 1),
+                    "worker_steps_per_second": round(worker_med, 1),
+                    "ratio": round(worker_med / raw_med, 3),
+                    "raw_rounds": [round(r, 1) for r in raw],
+                    "worker_rounds": [round(w["steps_per_second"], 1) for w in worker],
+                }
+            )
+    result = {
+        "bench": "throughput",
+        "hidden": args.hidden,
+        "seconds_per_measurement": args.seconds,
+        "rounds": args.rounds,
+        "threads": 1,
+        "cpu": cpu_info(),
+        "rows": rows,
+    }
+    out_dir = Path(__file__).resolve().parent / "results"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = (
+        Path(args.out)
+        if args.out
+        else out_dir / f"throughput-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    )
+    out.write_text(json.dumps(result, indent=2))
+    print(
+        f"policy hidden {args.hidden}, 1 core, medians of {args.rounds} alternating rounds "
+        f"of {args.seconds:g} s"
+    )
+    print(f"{'env':>16} {'envs':>4} {'raw steps/s':>12} {'worker steps/s':>15} {'ratio':>6}")
+    for r in rows:
+        print(
+            f"{r['env_id']:>16} {r['envs_per_worker']:>4} {r['raw_steps_per_second']:>12.0f} "
+            f"{r['worker_steps_per_second']:>15.0f} {r['ratio']:>6.2f}"
+        )
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
