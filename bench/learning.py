@@ -28,6 +28,7 @@ from pathlib import Path
 
 from gogepo_ray.callbacks import JsonlMetrics
 from gogepo_ray.config import load_config
+from gogepo_ray.envs import policy_spec
 from gogepo_ray.sysinfo import cpu_info, resolve_precision
 from gogepo_ray.trainer import Trainer
 
@@ -159,6 +160,10 @@ def plot_profiles(result: dict, path: Path) -> Path:
     return path
 
 
+def _policy_params(cfg) -> int:
+    return policy_spec(cfg.env.id, cfg.policy.hidden, cfg.env.kwargs).num_params
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("config")
@@ -198,7 +203,9 @@ def main(argv: list[str] | None = None) -> int:
             {
                 "name": name,
                 "overrides": sets,
-                "precision": resolve_precision(pcfg.learner.precision, pcfg.learner.device),
+                "precision": resolve_precision(
+                    pcfg.learner.precision, pcfg.learner.device, _policy_params(pcfg)
+                ),
                 "workers": pcfg.run.workers,
                 "seeds": rows,
             }

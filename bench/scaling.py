@@ -28,6 +28,7 @@ from pathlib import Path
 import ray
 
 from gogepo_ray.config import load_config
+from gogepo_ray.envs import policy_spec
 from gogepo_ray.sysinfo import cpu_info, resolve_precision
 from gogepo_ray.trainer import Trainer
 
@@ -84,6 +85,10 @@ def measure(
     }
 
 
+def _policy_params(cfg) -> int:
+    return policy_spec(cfg.env.id, cfg.policy.hidden, cfg.env.kwargs).num_params
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default=str(ROOT / "configs" / "slow_env.yaml"))
@@ -128,7 +133,9 @@ def main(argv: list[str] | None = None) -> int:
         "overrides": args.overrides,
         "env_id": cfg.env.id,
         "env_kwargs": cfg.env.kwargs,
-        "precision": resolve_precision(cfg.learner.precision, cfg.learner.device),
+        "precision": resolve_precision(
+            cfg.learner.precision, cfg.learner.device, _policy_params(cfg)
+        ),
         "learner_num_cpus": cfg.learner.num_cpus,
         "seconds_per_point": args.seconds,
         "cpu": cpu_info(),

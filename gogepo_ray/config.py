@@ -133,8 +133,9 @@ class LearnerConfig(_Section):
     """Torch device of the learner: ``cpu`` or ``cuda`` (the learner actor then asks Ray for a GPU)."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """Arithmetic of the generator's hypernetworks and the critic's fingerprint: bf16 autocast
-    (parameters, optimiser state, predicted returns and losses stay fp32). ``auto``: bf16 on a GPU
-    or a CPU with AMX or AVX512-BF16, where it is faster (``bench/learner_step.py``), else fp32."""
+    (parameters, optimiser state, predicted returns and losses stay fp32). ``auto``: bf16 on a GPU,
+    and on a CPU with AMX or AVX512-BF16 for policies of 10 000 weights or more, where it is faster
+    (``bench/learner_step.py``); else fp32."""
     updates_per_episode: float = Field(default=1.0, gt=0, le=64)
     """Critic+generator rounds (``critic.steps_per_episode`` then ``generator.steps_per_episode``) per
     finished training episode; fractions carry over (0.25: one round every 4 episodes). 1 is the
@@ -282,7 +283,15 @@ def load_config(
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
         try:
-            loaded = _yaml_load(p.read_text())
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise ConfigError(
+                f"{p} is not a text file (byte {exc.start} is not UTF-8): a config is YAML text"
+            ) from None
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {p}: {exc.strerror or exc}") from None
+        try:
+            loaded = _yaml_load(text)
         except yaml.YAMLError as exc:
             raise ConfigError(f"{p} is not valid YAML: {exc}") from None
         if loaded is None:

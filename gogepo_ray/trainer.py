@@ -33,7 +33,13 @@ import torch
 from gogepo_ray import checkpoint as ckpt
 from gogepo_ray.config import Config
 from gogepo_ray.core.normalizer import EPS
-from gogepo_ray.distributed.actors import ensure_ray, learner_actor, rollout_actor
+from gogepo_ray.distributed.actors import (
+    check_learner_gpu,
+    ensure_ray,
+    learner_actor,
+    rollout_actor,
+    wait_for_learner,
+)
 from gogepo_ray.envs import policy_spec
 from gogepo_ray.errors import TrainingError
 from gogepo_ray.evaluation import SweepResult, sweep_commands
@@ -103,8 +109,9 @@ class Trainer:
             ]
         self.latest_stats: LearnerStats | None = None
         self.last_eval: float = float("nan")
-        ensure_ray(cfg)
+        check_learner_gpu(cfg, local=ensure_ray(cfg))
         self.learner = learner_actor(cfg, self.spec, learner_state)
+        wait_for_learner(self.learner, cfg)
         self.workers = [rollout_actor(cfg, self.spec, i) for i in range(cfg.run.workers)]
         self._inflight: dict[ray.ObjectRef, tuple[int, ParamBatch | ray.ObjectRef, int]] = {}
         self._stats_refs: list[ray.ObjectRef] = []  # learner steps in progress, oldest first

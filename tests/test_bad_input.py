@@ -95,6 +95,15 @@ def test_malformed_yaml_and_missing_config(tmp_path):
     )
 
 
+def test_binary_config_file(tmp_path):
+    """A file that is not text (a checkpoint passed by mistake, say): one error line."""
+    blob = tmp_path / "model.pt"
+    blob.write_bytes(b"PK\x03\x04\x00\x00\xff\xfe\x80" + bytes(range(256)))
+    res = gogepo("train", str(blob), cwd=tmp_path)
+    assert_user_error(res, "model.pt is not a text file", "YAML")
+    assert "UnicodeDecodeError" not in res.stderr
+
+
 @pytest.fixture(scope="module")
 def small_checkpoint(tmp_path_factory) -> Path:
     """A real checkpoint written by the Learner (no Ray needed)."""
@@ -165,3 +174,17 @@ def test_crash_while_writing_keeps_the_previous_checkpoint(small_checkpoint, tmp
     assert torch.equal(
         again["learner"]["generator"]["embeddings.0"], good["learner"]["generator"]["embeddings.0"]
     )
+
+
+def test_cuda_learner_without_a_gpu_stops_instead_of_waiting(tmp_path):
+    """Ray would queue a GPU actor forever on a machine without one: the run stops at once
+    with one error line naming the missing GPU (this check needs Ray up to count GPUs)."""
+    sets = [a for s in TINY for a in ("--set", s)]
+    res = gogepo(
+        "train", IP, *sets, "--set", "learner.device=cuda", "--set", f"run.output_dir={tmp_path}",
+        "--no-progress", cwd=tmp_path,
+    )  # fmt: skip
+    assert res.returncode == 2, (res.returncode, res.stderr[-2000:])
+    assert "error: learner.device=cuda needs a GPU" in res.stderr, res.stderr[-2000:]
+    assert "0 GPUs" in res.stderr and "learner.device=cpu" in res.stderr
+    assert "Traceback" not in res.stderr

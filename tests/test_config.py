@@ -238,7 +238,10 @@ def test_precision_auto_follows_the_hardware():
     assert load_config(None).learner.precision == "auto"
     expected = "bf16" if bf16_flags() else "fp32"
     assert resolve_precision("auto", "cpu") == expected
+    assert resolve_precision("auto", "cpu", 70_000) == expected
+    assert resolve_precision("auto", "cpu", 1_500) == "fp32"  # casts cost more than they save
     assert resolve_precision("auto", "cuda:0") == "bf16"
+    assert resolve_precision("auto", "cuda:0", 50) == "bf16"
     assert resolve_precision("fp32", "cuda") == "fp32"
     assert resolve_precision("bf16", "cpu") == "bf16"
 

@@ -73,7 +73,9 @@ class Learner:
         torch.set_num_threads(cfg.learner.num_threads or max(1, math.ceil(cfg.learner.num_cpus)))
         torch.manual_seed(cfg.run.seed)
         g, c = cfg.generator, cfg.critic
-        self.precision = resolve_precision(cfg.learner.precision, cfg.learner.device)
+        self.precision = resolve_precision(
+            cfg.learner.precision, cfg.learner.device, spec.num_params
+        )
         bf16 = self.precision == "bf16"
         self.generator = Generator(
             spec,

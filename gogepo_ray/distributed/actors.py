@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 import resource
+import sys
 
 import ray
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from gogepo_ray.config import Config
+from gogepo_ray.config import Config, ConfigError
 from gogepo_ray.core.learner import Learner
 from gogepo_ray.core.policy import PolicySpec
 from gogepo_ray.rollout import Rollouts
@@ -118,14 +119,15 @@ def rollout_actor(cfg: Config, spec: PolicySpec, index: int):
     )
 
 
-def ensure_ray(cfg: Config) -> None:
+def ensure_ray(cfg: Config) -> bool:
     """Connect to the cluster in RAY_ADDRESS (Ray Jobs, `ray start`), or start a local one
-    sized for this run's actors."""
+    sized for this run's actors. True when this call started a local instance (which has
+    no autoscaler: what it has is all it will ever have)."""
     if ray.is_initialized():
-        return
+        return False
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=False)
-        return
+        return False
     cpus = max(os.cpu_count() or 1, cfg.run.workers + int(-(-cfg.learner.num_cpus // 1)))
     ray.init(
         num_cpus=cpus,
@@ -134,3 +136,42 @@ def ensure_ray(cfg: Config) -> None:
         log_to_driver=False,
         configure_logging=False,
     )
+    return True
+
+
+def check_learner_gpu(cfg: Config, local: bool) -> None:
+    """A cuda learner asks Ray for a GPU. On a local instance with none, Ray would wait for it
+    forever: say so and stop before any actor starts."""
+    if not cfg.learner.device.startswith("cuda"):
+        return
+    resources = ray.cluster_resources()
+    if resources.get("GPU", 0) >= 1:
+        return
+    if local:
+        raise ConfigError(
+            f"learner.device={cfg.learner.device} needs a GPU, but this machine's Ray instance "
+            f"has none ({resources.get('CPU', 0):g} CPUs, 0 GPUs) and nothing can add one: "
+            "set learner.device=cpu, or run on a cluster with a GPU node (RAY_ADDRESS)"
+        )
+
+
+def wait_for_learner(learner, cfg: Config, warn_after: float = 30.0) -> None:
+    """Block until the learner actor runs; warn once if it waits for resources (a cuda
+    learner on a cluster whose autoscaler has not added a GPU node yet)."""
+    ready, _ = ray.wait([learner.pid.remote()], timeout=warn_after)
+    if ready:
+        return
+    gpus = ray.cluster_resources().get("GPU", 0)
+    needs = (
+        f"1 GPU and {cfg.learner.num_cpus:g} CPUs"
+        if cfg.learner.device.startswith("cuda")
+        else f"{cfg.learner.num_cpus:g} CPUs"
+    )
+    print(
+        f"warning: the learner actor has waited {warn_after:g} s for {needs} "
+        f"(the cluster has {gpus:g} GPUs free or in total now); still waiting for the cluster "
+        "to provide them. Ctrl-C stops; learner.device=cpu runs without a GPU.",
+        file=sys.stderr,
+        flush=True,
+    )
+    ray.get(learner.pid.remote())
