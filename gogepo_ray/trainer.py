@@ -221,7 +221,12 @@ class Trainer:
         counted twice."""
         worker, batch, issued_at = self._inflight.pop(ref)
         try:
-            return worker, ray.get(ref), issued_at
+            result = ray.get(ref)
+            if result.kind == "eval":  # labelled with what the generator had learned from
+                issued = ray.get(batch) if isinstance(batch, ray.ObjectRef) else batch
+                if issued.trained_env_steps >= 0:
+                    issued_at = int(issued.trained_env_steps)
+            return worker, result, issued_at
         except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
             self.progress.worker_restarts += 1
             if self.progress.worker_restarts > self.cfg.run.max_worker_restarts:
@@ -437,8 +442,9 @@ def _batch_from_state(d: dict, master_count: int) -> ParamBatch:
             "obs_mean": d["obs_mean"].double(),
             "obs_m2": std**2 * count,
         }
-    fields = {k: d[k].numpy() for k in ParamBatch._fields if k != "kind"}
-    return ParamBatch(kind=d["kind"], **fields | {"obs_count": int(fields["obs_count"])})
+    fields = {k: d[k].numpy() for k in ParamBatch._fields if k != "kind" and k in d}
+    ints = {k: int(fields[k]) for k in ("obs_count", "trained_env_steps") if k in fields}
+    return ParamBatch(kind=d["kind"], **fields | ints)
 
 
 def load_resume(run_dir: str | Path) -> dict:

@@ -24,6 +24,9 @@ class ParamBatch(NamedTuple):
     obs_count: int
     obs_mean: np.ndarray  # (obs_dim,) float64
     obs_m2: np.ndarray  # (obs_dim,) float64, sum of squared deviations
+    # Training env steps the generator had learned from when it wrote these policies: an
+    # evaluation is reported at this step, not at the step it was scheduled for.
+    trained_env_steps: int = -1
 
     def obs_stats(self) -> ObsStats:
         """The master statistics this batch carries, as an ObsStats of its own."""

@@ -983,3 +983,13 @@ def test_several_updates_per_episode(cfg, spec):
     learner = Learner(_schedule_cfg(cfg, 2), spec)
     learner.step([_episode(learner, 1.0), _episode(learner, 2.0)], [1, 1])
     assert learner.rounds == 4
+
+
+def test_policies_carry_the_training_steps_their_generator_learned_from(cfg, spec):
+    """Evaluations are reported at the steps the generator had seen, not when scheduled."""
+    learner = Learner(cfg, spec)
+    assert learner.propose_eval().trained_env_steps == 0
+    pb = learner.propose(2)
+    learner.ingest(make_batch(pb, returns=[1.0, 2.0], lengths=[7, 5]))
+    assert learner.propose_eval().trained_env_steps == 12
+    assert learner.propose(1).trained_env_steps == 12

@@ -136,6 +136,7 @@ class Learner:
             obs_count=stats.count,
             obs_mean=stats.mean,
             obs_m2=stats.m2,
+            trained_env_steps=self.env_steps,
         )
 
     def propose(self, n: int) -> ParamBatch:
