@@ -7,7 +7,7 @@ CONFIG ?= configs/inverted_pendulum.yaml
 ARGS   ?=
 SEEDS  ?= 3
 
-.PHONY: venv train test test-fast lint format bench-learning bench-learner clean
+.PHONY: venv train test test-fast lint format bench-learning bench-learner bench-throughput bench-scaling clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -44,6 +44,14 @@ bench-learning: $(STAMP)
 ## Learner seconds per episode for CONFIG's sizes, fp32 and bf16, 1 and 2 threads (no envs, no Ray).
 bench-learner: $(STAMP)
 	$(BIN)/python bench/learner_step.py $(CONFIG) $(ARGS)
+
+## Rollout worker env steps/s against the zero-action gym step rate (HalfCheetah-v5, Hopper-v5).
+bench-throughput: $(STAMP)
+	$(BIN)/python bench/throughput.py $(ARGS)
+
+## Training env steps/s, learner busy fraction and parallel efficiency for 1-8 workers.
+bench-scaling: $(STAMP)
+	$(BIN)/python bench/scaling.py $(ARGS)
 
 clean:
 	rm -rf runs .pytest_cache

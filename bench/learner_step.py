@@ -90,7 +90,7 @@ def measure_baseline(directory: str, argv: list[str]) -> list[dict]:
     """The same measurements with ``gogepo_ray`` imported from another checkout."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "rows.json"
-        env = {**os.environ, **LEARNER_ENV, "PYTHONPATH": str(Path(directory).resolve())}
+        env = {**os.environ, "PYTHONPATH": str(Path(directory).resolve())}
         subprocess.run(
             [sys.executable, __file__, *argv, "--rows-only", "--out", str(out)], env=env, check=True
         )
@@ -99,7 +99,8 @@ def measure_baseline(directory: str, argv: list[str]) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     raw_argv = list(sys.argv[1:] if argv is None else argv)
-    if argv is None and any(os.environ.get(k) != v for k, v in LEARNER_ENV.items()):
+    malloc_env = "--no-malloc-env" not in raw_argv
+    if malloc_env and argv is None and any(os.environ.get(k) != v for k, v in LEARNER_ENV.items()):
         # glibc reads these at start-up: re-run with the learner actor's malloc settings,
         # so that the figures are the ones the learner actor gets.
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **LEARNER_ENV})
@@ -114,6 +115,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None)
     ap.add_argument("--baseline", default=None, metavar="DIR", help="another checkout to time too")
     ap.add_argument("--rows-only", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--no-malloc-env",
+        action="store_true",
+        help="run with glibc's default malloc settings instead of the learner actor's",
+    )
     args = ap.parse_args(raw_argv)
     rows = measure_all(args)
     if args.rows_only:  # the child of --baseline: imports nothing newer than DIR has
@@ -128,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         "configs": args.config,
         "overrides": args.overrides,
         "cpu": cpu_info(),
-        "malloc_env": LEARNER_ENV,
+        "malloc_env": {k: os.environ.get(k) for k in LEARNER_ENV},
         "rows": rows,
         "baseline_dir": args.baseline,
         "baseline_rows": baseline,

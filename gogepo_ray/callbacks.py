@@ -3,7 +3,7 @@
 Metric keys are namespaced and documented once, here and in the README:
 
     train/env_steps            training env steps so far (the step axis of every metric)
-    train/episodes             finished training episodes in the buffer
+    train/episodes             finished training episodes taken in (the buffer keeps the newest capacity)
     train/failed_episodes      episodes dropped (env error, non-finite values)
     train/best_return          best training return (survival offset included)
     train/env_steps_per_second training env steps per wall-clock second
@@ -13,6 +13,8 @@ Metric keys are namespaced and documented once, here and in the README:
     losses/generator           last generator loss, mean (V(G(c)) − c)²
     losses/critic_fresh_error  mean |V(θ) − R| on episodes before training on them
     buffer/size                (θ, R) pairs held
+    learner/rounds             critic+generator rounds run so far (updates_per_episode per episode)
+    learner/busy               learner update seconds / wall seconds so far
     timers/learner_seconds     learner update time so far
     timers/rollout_seconds     worker rollout time so far (train and eval)
     timers/wall_seconds        wall time so far
@@ -50,6 +52,8 @@ def train_metrics(trainer: Trainer, stats: LearnerStats) -> dict[str, float]:
         "losses/generator": stats.generator_loss,
         "losses/critic_fresh_error": stats.critic_fresh_error,
         "buffer/size": stats.buffer_size,
+        "learner/rounds": stats.rounds,
+        "learner/busy": stats.learner_seconds / max(wall, 1e-9),
         "timers/learner_seconds": stats.learner_seconds,
         "timers/rollout_seconds": trainer.progress.rollout_seconds,
         "timers/wall_seconds": wall,

@@ -43,7 +43,7 @@ MLflow tracking is off unless asked for (``gogepo={"tracking": {"enabled": True}
 One ``train()`` = ``steps_per_iteration`` more training env steps (default
 ``run.eval_every``); work in flight carries over to the next call. Results hold RLlib's
 usual keys plus GoGePo's own metrics, nested by their namespace (see
-:mod:`gogepo_ray.callbacks`): ``train/…``, ``losses/…``, ``buffer/…``, ``eval/…``,
+:mod:`gogepo_ray.callbacks`): ``train/…``, ``losses/…``, ``buffer/…``, ``learner/…``, ``eval/…``,
 ``timers/…``. ``env_runners/episode_return_mean`` is the return of the latest finished
 evaluation (noise-free policy G(best return), ``run.eval_episodes`` episodes, the env's
 true return): GoGePo's training episodes deliberately ask for more than the best return
