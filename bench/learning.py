@@ -164,9 +164,26 @@ def _policy_params(cfg) -> int:
     return policy_spec(cfg.env.id, cfg.policy.hidden, cfg.env.kwargs).num_params
 
 
+def merge(paths: list[str], out: str | None) -> int:
+    """One result (and one plot) from several invocations on the same env, e.g. profiles
+    that were run one after the other so that each had the machine to itself."""
+    results = [json.loads(Path(p).read_text()) for p in paths]
+    if len({r["env_id"] for r in results}) != 1:
+        raise SystemExit("--merge: the result files are for different envs")
+    merged = {**results[0], "profiles": [p for r in results for p in r["profiles"]]}
+    merged["merged_from"] = paths
+    target = (
+        Path(out) if out else Path(paths[0]).with_name(f"learning-{merged['env_id']}-merged.json")
+    )
+    target.write_text(json.dumps(merged, indent=2))
+    png = plot_profiles(merged, target.with_suffix(".png"))
+    print(f"wrote {target} and {png}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("config")
+    ap.add_argument("config", nargs="?", help="run config (not needed with --merge)")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--first-seed", type=int, default=0)
     ap.add_argument("--threshold", type=float, default=None, help="default: 95%% of env.return_max")
@@ -182,7 +199,17 @@ def main(argv: list[str] | None = None) -> int:
         help="a named group of overrides on top of --set; repeat to compare profiles",
     )
     ap.add_argument("--out", default=None, help="JSON output path")
+    ap.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="JSON",
+        help="run nothing: merge the profiles of earlier result files into --out and plot them",
+    )
     args = ap.parse_args(argv)
+    if args.merge:
+        return merge(args.merge, args.out)
+    if args.config is None:
+        ap.error("a config is needed (or --merge)")
     profiles = [parse_profile(p) for p in args.profile] or [("config", [])]
 
     cfg = load_config(args.config, args.overrides)

@@ -134,15 +134,21 @@ class Trainer:
         if self._resume_batches:
             self._submit(worker, *self._resume_batches.pop(0))
             return True
-        if self.progress.env_steps >= self.progress.next_eval_at and not self._eval_inflight():
-            at = self.progress.next_eval_at
-            self.progress.next_eval_at += self.cfg.run.eval_every * max(
-                1, (self.progress.env_steps - at) // self.cfg.run.eval_every + 1
-            )
-            ref = self.learner.propose_eval.remote(None, self.cfg.run.eval_episodes)
-            self._submit(worker, ref, at)
+        if self._eval_due():
+            self._submit_eval(worker)
             return True
         return False
+
+    def _eval_due(self) -> bool:
+        return self.progress.env_steps >= self.progress.next_eval_at and not self._eval_inflight()
+
+    def _submit_eval(self, worker: int) -> None:
+        at = self.progress.next_eval_at
+        self.progress.next_eval_at += self.cfg.run.eval_every * max(
+            1, (self.progress.env_steps - at) // self.cfg.run.eval_every + 1
+        )
+        ref = self.learner.propose_eval.remote(None, self.cfg.run.eval_episodes)
+        self._submit(worker, ref, at)
 
     def _next_work(self, worker: int) -> None:
         """Work for a worker that brought no training result (start, after an evaluation)."""
@@ -151,9 +157,19 @@ class Trainer:
 
     def _dispatch_waiting(self, give_work: bool = True) -> None:
         """Send every training result waiting for the learner to it in one step; the workers
-        that sent them get their next work (policies from that step, where they need them)."""
+        that sent them get their next work: policies a checkpoint had out first, then an
+        evaluation if one is due, proposed *after* the step, so that it evaluates the
+        generator that has learned from every episode counted so far; the others get
+        training policies written by the step."""
         group, self._waiting = self._waiting, []
-        need = [w for w, _ in group if give_work and not self._other_work(w)]
+        resumed, evaluate, need = [], None, []
+        for worker, _ in group if give_work else []:
+            if len(resumed) < len(self._resume_batches):
+                resumed.append(worker)
+            elif evaluate is None and self._eval_due():
+                evaluate = worker
+            else:
+                need.append(worker)
         n = self.cfg.run.envs_per_worker
         refs = self.learner.step.options(num_returns=len(need) + 1).remote(
             [result for _, result in group], [n] * len(need)
@@ -161,6 +177,10 @@ class Trainer:
         *proposals, stats = refs if need else [refs]
         for worker, ref in zip(need, proposals):
             self._submit(worker, ref, -1)
+        for worker in resumed:
+            self._submit(worker, *self._resume_batches.pop(0))
+        if evaluate is not None:
+            self._submit_eval(evaluate)
         self._stats_refs.append(stats)
 
     def _eval_inflight(self) -> bool:

@@ -97,6 +97,16 @@ def test_learning_bench_profiles_parse_and_plot(tmp_path):
     }
     png = bench.plot_profiles(result, tmp_path / "curves.png")
     assert png.stat().st_size > 10_000
+    # --merge: profiles run by separate invocations, one table and one plot
+    parts = []
+    for profile in result["profiles"]:
+        part = tmp_path / f"{profile['name']}.json"
+        part.write_text(json.dumps({**result, "profiles": [profile]}))
+        parts.append(str(part))
+    assert bench.main(["--merge", *parts, "--out", str(tmp_path / "both.json")]) == 0
+    both = json.loads((tmp_path / "both.json").read_text())
+    assert [p["name"] for p in both["profiles"]] == ["paper", "fast"]
+    assert (tmp_path / "both.png").stat().st_size > 10_000
 
 
 @pytest.mark.e2e
