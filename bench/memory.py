@@ -6,7 +6,7 @@ Runs the real trainer (the same path as ``gogepo train``) for ``--steps`` traini
 steps on one seed, then prints and writes as JSON the peak resident set size of the
 learner and of the largest rollout worker, the replay buffer's size and its payload.
 The buffer is the learner's one growing structure: capacity × policy parameters × 4 bytes
-at most (Hopper, reference sizes: 10 000 × 70 147 × 4 B ≈ 2.8 GB once full).
+at most (Hopper, reference sizes: 10 000 × 69 635 × 4 B ≈ 2.8 GB once full).
 """
 
 from __future__ import annotations

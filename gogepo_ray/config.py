@@ -1,6 +1,7 @@
 """Run configuration: pydantic models loaded from YAML, with ``--set key=value`` overrides.
 
-Every default below is the reference value of DESIGN.md §1. A config file only needs to
+Every default below is the reference value of the paper (Faccio et al., AAAI 2023, arXiv
+2207.01570) and of the authors' public code (IDSIA/GoGePo). A config file only needs to
 say what differs (the env and its return range, mostly). Unknown keys, wrong types,
 out-of-range values, env ids that do not exist and non-Box spaces are all rejected with
 one message that names the field.
