@@ -79,7 +79,9 @@ def test_eval_return_clearly_improves(trained):
     s = trained["summary"]
     history = [m for _, m in s["eval_history"]]
     first, best_later = history[0], max(history[1:])
-    assert len(history) >= 8
+    # one evaluation per run.eval_every steps at most; when a group of results carries the
+    # run past two due steps at once, one evaluation covers both (the generator is the same)
+    assert len(history) >= 6, s["eval_history"]
     assert best_later >= max(2.5 * first, first + 40), history
 
 
