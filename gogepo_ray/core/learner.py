@@ -229,12 +229,7 @@ class Learner:
 
     def ingest(self, batch: EpisodeBatch) -> LearnerStats:
         """Take in one worker's finished training episodes and run the rounds they owe."""
-        start = time.perf_counter()
-        self.take_in(batch)
-        self.update_owed()
-        took = time.perf_counter() - start
-        self.learner_seconds += took
-        return self.stats(took)
+        return self.step([batch], [])[-1]
 
     def step(self, batches: list[EpisodeBatch], proposals: list[int]) -> list:
         """The streaming update: take in every training episode that arrived since the last
