@@ -29,6 +29,7 @@ from pathlib import Path
 from gogepo_ray.callbacks import JsonlMetrics
 from gogepo_ray.config import load_config
 from gogepo_ray.envs import policy_spec
+from gogepo_ray.plotting import fit_title
 from gogepo_ray.sysinfo import cpu_info, resolve_precision
 from gogepo_ray.trainer import Trainer
 
@@ -68,7 +69,10 @@ def run_seed(
     threshold: float,
     max_minutes: float | None,
     out_dir: Path,
+    stop_at: float | None = None,
 ) -> dict:
+    """One run of ``config`` with ``seed``, to its total_env_steps, or until ``max_minutes``
+    have passed, or until an evaluation reaches ``stop_at``."""
     cfg = load_config(
         config,
         [
@@ -86,6 +90,8 @@ def run_seed(
             chunk = min(cfg.run.total_env_steps, trainer.progress.env_steps + cfg.run.eval_every)
             trainer.run_until(chunk)
             if deadline is not None and time.perf_counter() > deadline:
+                break
+            if stop_at is not None and any(m >= stop_at for _, m, _ in clock.arrivals):
                 break
         summary = trainer.finish()
         memory = trainer.memory()
@@ -153,7 +159,7 @@ def plot_profiles(result: dict, path: Path) -> Path:
         ax.set_ylabel("eval return (10 episodes)")
         ax.grid(alpha=0.3)
     by_steps.legend(fontsize=7, loc="upper left")
-    fig.suptitle(f"{result['env_id']}: eval return by profile", fontsize=11, wrap=True)
+    fig.suptitle(fit_title(f"{result['env_id']}: eval return by profile", 10.5, 11), fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

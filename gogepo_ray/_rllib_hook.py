@@ -1,4 +1,4 @@
-"""Register GoGePo with RLlib and Tune under the name ``"GoGePo"`` without importing Ray.
+"""Register GoGePo (and its ARS baseline) with RLlib and Tune under the names ``"GoGePo"`` and ``"GoGePoARS"`` without importing Ray.
 
 ``import gogepo_ray`` must stay cheap, and ``gogepo_ray.core`` must not pull in Ray (the
 core boundary test), so the package cannot call ``ray.tune.register_trainable`` when it is
@@ -22,6 +22,7 @@ import sys
 from importlib.machinery import PathFinder
 
 NAME = "GoGePo"
+ARS_NAME = "GoGePoARS"  # the paper's ARS baseline on the same runtime
 REGISTRY_MODULE = "ray.rllib.algorithms.registry"
 
 
@@ -32,10 +33,17 @@ def _import_gogepo() -> tuple[type, object]:
     return GoGePo, GoGePo.get_default_config()
 
 
+def _import_ars() -> tuple[type, object]:
+    from gogepo_ray.rllib import GoGePoARS
+
+    return GoGePoARS, GoGePoARS.get_default_config()
+
+
 def _add_entry(registry_module) -> None:
     algorithms = getattr(registry_module, "ALGORITHMS", None)
     if isinstance(algorithms, dict):
         algorithms.setdefault(NAME, _import_gogepo)
+        algorithms.setdefault(ARS_NAME, _import_ars)
 
 
 class _RegisteringLoader:

@@ -13,11 +13,19 @@ Metric keys are namespaced and documented once, here and in the README:
     losses/generator           last generator loss, mean (V(G(c)) − c)²
     losses/critic_fresh_error  mean |V(θ) − R| on episodes before training on them
     buffer/size                (θ, R) pairs held
-    learner/rounds             critic+generator rounds run so far (updates_per_episode per episode)
+    learner/rounds             critic+generator rounds run so far (updates_per_episode per episode);
+                               ARS runs: iterations finished
+    ars/policy_norm            ARS runs only: |θ|
+    ars/step_norm              ARS runs only: |Δθ| of the last iteration
+    ars/return_std             ARS runs only: σ_R, std of the returns of the top b directions
+    ars/directions_used        ARS runs only: directions in the last step (b, fewer if episodes failed)
     learner/busy               learner update seconds / wall seconds so far
     timers/learner_seconds     learner update time so far
     timers/rollout_seconds     worker rollout time so far (train and eval)
     timers/wall_seconds        wall time so far
+
+A NaN or ±inf value is recorded in every sink (metrics.jsonl writes it as a string, see
+``json_metric``), and stderr says so once per metric: a diverging run must show.
 """
 
 from __future__ import annotations
@@ -48,17 +56,49 @@ def train_metrics(trainer: Trainer, stats: LearnerStats) -> dict[str, float]:
         "train/best_return": stats.best_return,
         "train/return": stats.last_return,
         "train/env_steps_per_second": trainer.progress.env_steps / max(wall, 1e-9),
-        "losses/critic": stats.critic_loss,
-        "losses/generator": stats.generator_loss,
-        "losses/critic_fresh_error": stats.critic_fresh_error,
-        "buffer/size": stats.buffer_size,
+        **stats.metrics,
         "learner/rounds": stats.rounds,
         "learner/busy": stats.learner_seconds / max(wall, 1e-9),
         "timers/learner_seconds": stats.learner_seconds,
         "timers/rollout_seconds": trainer.progress.rollout_seconds,
         "timers/wall_seconds": wall,
     }
-    return {k: float(v) for k, v in out.items() if v is not None and math.isfinite(float(v))}
+    # Training returns come from finished episodes only, so a NaN there means "no episode
+    # yet" and is left out. Every other value is recorded as it is, NaN and ±inf included:
+    # a diverging run must show in both sinks.
+    unmeasured = {"train/best_return", "train/return"}
+    return {
+        k: float(v)
+        for k, v in out.items()
+        if v is not None and not (k in unmeasured and math.isnan(float(v)))
+    }
+
+
+def json_metric(value: float) -> float | str:
+    """A metric value as metrics.jsonl holds it: finite numbers as they are, NaN and ±inf as
+    the strings "NaN", "Infinity" and "-Infinity" (JSON has no such numbers; ``float()``
+    reads the strings back)."""
+    if math.isfinite(value):
+        return value
+    return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+
+
+_non_finite_warned: dict[str, set[str]] = {}  # run directory -> metric keys warned about
+
+
+def warn_non_finite(run_dir: Path, metrics: dict[str, float], step: int) -> None:
+    """Warn on stderr, once per metric and run, the first time a metric is NaN or ±inf.
+    Every sink calls this; the first one to see the value prints."""
+    warned = _non_finite_warned.setdefault(str(Path(run_dir).resolve()), set())
+    for key, value in metrics.items():
+        if not math.isfinite(value) and key not in warned:
+            warned.add(key)
+            print(
+                f"warning: {key} is {value} at training env step {step}; it is recorded as is in "
+                f'MLflow and as "{json_metric(value)}" in {Path(run_dir) / "metrics.jsonl"} '
+                "(this warning is not repeated for this metric)",
+                file=sys.stderr,
+            )
 
 
 class ProgressBar:
@@ -106,18 +146,22 @@ class ProgressBar:
 
 class JsonlMetrics:
     """Every metric, also written to ``<run_dir>/metrics.jsonl`` (one JSON object a line),
-    so results survive without any tracking server."""
+    so results survive without any tracking server. NaN and ±inf are written as the strings
+    "NaN", "Infinity", "-Infinity" (see ``json_metric``), so every line is valid JSON."""
 
     def __init__(self, every_seconds: float = 1.0) -> None:
         self.every_seconds = every_seconds
         self._last = 0.0
         self.fh = None
+        self._run_dir: Path | None = None
 
-    def _write(self, row: dict) -> None:
-        self.fh.write(json.dumps(row) + "\n")
+    def _write(self, row: dict[str, float]) -> None:
+        warn_non_finite(self._run_dir, row, int(row["train/env_steps"]))
+        self.fh.write(json.dumps({k: json_metric(v) for k, v in row.items()}) + "\n")
         self.fh.flush()
 
     def on_start(self, trainer: Trainer) -> None:
+        self._run_dir = trainer.run_dir
         self.fh = open(trainer.run_dir / "metrics.jsonl", "a")
 
     def on_train(self, trainer: Trainer, stats: LearnerStats) -> None:
@@ -127,14 +171,22 @@ class JsonlMetrics:
             self._write(train_metrics(trainer, stats))
 
     def on_eval(self, trainer: Trainer, env_steps: int, mean: float, std: float) -> None:
+        # wall seconds when the result came in: `gogepo compare` plots return against them
         self._write(
-            {"train/env_steps": env_steps, "eval/return_mean": mean, "eval/return_std": std}
+            {
+                "train/env_steps": env_steps,
+                "eval/return_mean": mean,
+                "eval/return_std": std,
+                "timers/wall_seconds": trainer.wall_seconds,
+            }
         )
 
     def on_checkpoint(self, trainer: Trainer, path: Path) -> None:
         pass
 
     def on_end(self, trainer: Trainer, summary: dict) -> None:
+        if trainer.latest_stats is not None:  # the final figures, as MLflow gets them
+            self._write(train_metrics(trainer, trainer.latest_stats))
         self.fh.close()
 
 
@@ -159,13 +211,62 @@ def git_commit() -> str | None:
         return None
 
 
+# MLflow error codes (as MlflowException.error_code names them) for a store that is busy or
+# overloaded: the same call can succeed later. A local sqlite store raises
+# TEMPORARILY_UNAVAILABLE for a locked or unreachable database.
+_TRANSIENT_MLFLOW_CODES = {
+    "TEMPORARILY_UNAVAILABLE",
+    "DEADLINE_EXCEEDED",
+    "REQUEST_LIMIT_EXCEEDED",
+    "RESOURCE_EXHAUSTED",
+}
+
+
+def mlflow_error_is_transient(exc: BaseException) -> bool:
+    """Whether a failed MLflow call may succeed if tried again.
+
+    Transient: the server cannot be reached or does not answer in time (a connection or
+    timeout error anywhere in the exception's chain; MLflow wraps the ``requests`` error in an
+    MlflowException), an HTTP 408, 429 or 5xx answer (MLflow's client raises a ``requests``
+    RetryError for those once its own retries are used up, or a RestException whose error
+    code maps to such a status), or a store that reports itself busy. Everything else is
+    permanent: the server refused the request (a deleted run, a metric name it does not
+    accept, a param changed), or the call failed in this process.
+    """
+    import requests
+
+    transient_types = (
+        ConnectionError,  # builtin: refused, reset, aborted
+        TimeoutError,
+        requests.exceptions.ConnectionError,
+        requests.exceptions.Timeout,
+        requests.exceptions.RetryError,
+        requests.exceptions.ChunkedEncodingError,
+    )
+    seen: set[int] = set()
+    err: BaseException | None = exc
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, transient_types):
+            return True
+        err = err.__cause__ or err.__context__
+    from mlflow.exceptions import MlflowException, RestException
+
+    if isinstance(exc, RestException):
+        status = exc.get_http_status_code()
+        return status in (408, 429) or (status >= 500 and status != 501)
+    return isinstance(exc, MlflowException) and exc.error_code in _TRANSIENT_MLFLOW_CODES
+
+
 class MLflowTracker:
     """One MLflow run per training run: params, metrics by env step, tags, artifacts.
 
     Every MLflow call runs on a background thread from a bounded queue, so training never
-    waits on the tracking server. If the server goes away, the failure is reported once on
-    stderr, the calls are retried every ``retry_seconds``, and the backlog is written when
-    the server returns. Whatever cannot be written by the end of the run is still in
+    waits on the tracking server. If the server goes away (a transient error, see
+    ``mlflow_error_is_transient``), the failure is reported once on stderr, the calls are
+    retried every ``retry_seconds``, and the backlog is written when the server returns. A
+    call the server refuses (a permanent error) is reported once per kind of call and
+    dropped, and the calls after it go on. Whatever cannot be written is still in
     ``metrics.jsonl`` in the run directory, and the user is told so.
     """
 
@@ -193,27 +294,57 @@ class MLflowTracker:
         self._stop = threading.Event()
         self._down_since: float | None = None
         self._dropped = 0
+        self._refused_calls = 0  # calls dropped after a permanent error
+        self._refused_kinds: set[str] = set()
+        self._disabled = False  # the run could not be started: nothing more is sent
         self._run_dir: Path | None = None
 
     # ---------------------------------------------------------------- background writer
+    def _back_up(self) -> None:
+        if self._down_since is not None:
+            print(
+                f"MLflow is reachable again after {time.monotonic() - self._down_since:.0f} s; "
+                "the metrics held back are being written",
+                file=sys.stderr,
+            )
+            self._down_since = None
+
+    def _refused(self, what: str, exc: Exception) -> None:
+        """A call that can never succeed: report it once per kind of call, and drop it."""
+        self._back_up()  # the server answered
+        self._refused_calls += 1
+        if what == "run start" and self.run_id is None:
+            self._disabled = True  # every later call needs the run
+            print(
+                f"warning: MLflow refused to start the run ({type(exc).__name__}: {str(exc)[:300]}); "
+                f"nothing more is sent to MLflow for this run, and every metric is in "
+                f"{self._run_dir / 'metrics.jsonl'}",
+                file=sys.stderr,
+            )
+        elif what not in self._refused_kinds:
+            self._refused_kinds.add(what)
+            print(
+                f"warning: MLflow refused a {what} call ({type(exc).__name__}: {str(exc)[:300]}); "
+                f"it is dropped and not retried (a permanent error), the later calls go on, and "
+                f"every metric is in {self._run_dir / 'metrics.jsonl'}",
+                file=sys.stderr,
+            )
+
     def _worker(self) -> None:
         while True:
             op = self._queue.get()
             if op is None:
                 return
             what, fn = op
-            while True:
+            while not self._disabled:
                 try:
                     fn()
-                    if self._down_since is not None:
-                        print(
-                            f"MLflow is reachable again after {time.monotonic() - self._down_since:.0f} s; "
-                            "the metrics held back are being written",
-                            file=sys.stderr,
-                        )
-                        self._down_since = None
+                    self._back_up()
                     break
                 except Exception as exc:  # noqa: BLE001 - tracking must not kill training
+                    if not mlflow_error_is_transient(exc):
+                        self._refused(what, exc)
+                        break
                     if self._down_since is None:
                         self._down_since = time.monotonic()
                         print(
@@ -279,12 +410,13 @@ class MLflowTracker:
                 tags["git.commit"] = commit
             if self.parent_run_id:
                 tags["mlflow.parentRunId"] = self.parent_run_id
-            run = self.client.create_run(exp_id, tags=tags, run_name=trainer.run_dir.name)
+            if self.run_id is None:  # a retry after a failure below makes no second run
+                run = self.client.create_run(exp_id, tags=tags, run_name=trainer.run_dir.name)
+                id_file.write_text(run.info.run_id)
+                self.run_id = run.info.run_id
             params = [Param(k, str(v)[:6000]) for k, v in cfg.flat().items()]
             for i in range(0, len(params), 100):
-                self.client.log_batch(run.info.run_id, params=params[i : i + 100])
-            id_file.write_text(run.info.run_id)
-            self.run_id = run.info.run_id
+                self.client.log_batch(self.run_id, params=params[i : i + 100])
 
         self._thread = threading.Thread(target=self._worker, name="mlflow-writer", daemon=True)
         self._thread.start()
@@ -293,6 +425,8 @@ class MLflowTracker:
     def log(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
 
+        if self._run_dir is not None:
+            warn_non_finite(self._run_dir, metrics, step)
         ts = int(time.time() * 1000)
         batch = [
             Metric(k, float(v), ts, int(step)) for k, v in metrics.items() if k != "train/env_steps"
@@ -306,8 +440,8 @@ class MLflowTracker:
             self.log(train_metrics(trainer, stats), trainer.progress.env_steps)
 
     def on_eval(self, trainer: Trainer, env_steps: int, mean: float, std: float) -> None:
-        if math.isfinite(mean):
-            self.log({"eval/return_mean": mean, "eval/return_std": std}, env_steps)
+        # NaN when every evaluation episode failed: recorded, so that it shows
+        self.log({"eval/return_mean": mean, "eval/return_std": std}, env_steps)
 
     def on_checkpoint(self, trainer: Trainer, path: Path) -> None:
         pass
@@ -320,7 +454,13 @@ class MLflowTracker:
         curve = plot_learning_curve(
             summary["eval_history"], trainer.run_dir / "learning_curve.png", trainer.cfg.env.id
         )
+        video = None
+        if trainer.cfg.run.render_at_end:
+            from gogepo_ray.render import render_at_end
+
+            video = render_at_end(trainer)
         for path, sub in [
+            *([(video, None)] if video else []),
             (trainer.run_dir / "config.yaml", None),
             (trainer.run_dir / "summary.json", None),
             (curve, None),
@@ -358,5 +498,11 @@ class MLflowTracker:
             print(
                 f"warning: {self._dropped} metric batches were not sent to MLflow (queue full); they are in "
                 f"{self._run_dir / 'metrics.jsonl'}",
+                file=sys.stderr,
+            )
+        if self._refused_calls > len(self._refused_kinds) + self._disabled:
+            print(
+                f"warning: {self._refused_calls} MLflow calls were refused in all (each kind is reported above); "
+                f"every metric is in {self._run_dir / 'metrics.jsonl'}",
                 file=sys.stderr,
             )

@@ -1,4 +1,4 @@
-"""The ``gogepo`` command line: train, eval, sweep, export (and cluster job commands).
+"""The ``gogepo`` command line: train, eval, sweep, export, render, compare (and cluster job commands).
 
 A user's mistake (bad config, missing checkpoint, unknown env) prints one ``error:`` line
 that names the problem and exits with status 2, without a traceback.
@@ -12,12 +12,14 @@ import sys
 from pathlib import Path
 
 from gogepo_ray.checkpoint import CheckpointError
+from gogepo_ray.compare import CompareError
 from gogepo_ray.config import ConfigError
 from gogepo_ray.envs import EnvError
 from gogepo_ray.errors import TrainingError
 from gogepo_ray.jobs import JobsError
+from gogepo_ray.render import RenderError
 
-USER_ERRORS = (ConfigError, CheckpointError, EnvError, JobsError)
+USER_ERRORS = (ConfigError, CheckpointError, EnvError, JobsError, RenderError, CompareError)
 
 
 def _add_overrides(p: argparse.ArgumentParser, hint: str) -> None:
@@ -68,8 +70,50 @@ def _add_checkpoint_cmds(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("export", help="write G(command) as a standalone torch policy file")
     p.add_argument("checkpoint", help="checkpoint file or run directory")
-    p.add_argument("--command", type=float, required=True, help="desired return")
+    p.add_argument(
+        "--command",
+        type=float,
+        default=None,
+        help="desired return (GoGePo runs; ARS runs take none)",
+    )
     p.add_argument("--out", required=True, help="output file, e.g. policy.pt")
+
+
+def _add_views(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "render",
+        help="a video (mp4) of a run's evaluation policy, rendered offscreen by MuJoCo",
+        description="Render evaluation episodes of a run's policy to an mp4. MUJOCO_GL picks the "
+        "OpenGL backend (default on Linux: egl where a GPU is visible, else osmesa); README "
+        "'Rendering' lists the system packages each needs.",
+    )
+    p.add_argument("checkpoint", help="checkpoint file or run directory")
+    p.add_argument(
+        "--command",
+        type=float,
+        default=None,
+        help="desired return (default: best training return; ARS policies take none)",
+    )
+    p.add_argument("--episodes", type=int, default=1, help="episodes, one after the other")
+    p.add_argument("--max-steps", type=int, default=None, help="at most this many steps an episode")
+    p.add_argument("--fps", type=float, default=None, help="default: the env's render_fps")
+    p.add_argument("--out", default=None, help="mp4 file (default: <run_dir>/policy.mp4)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    p = sub.add_parser(
+        "compare",
+        help="evaluation return of runs against env steps and wall-clock seconds (PNG + CSV)",
+        description="One line per run; runs whose configs differ only in run.seed are one line, "
+        "the mean over seeds, with a band from the lowest to the highest seed.",
+    )
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run directories")
+    p.add_argument("--out", default="compare.png", help="plot file; the CSV goes beside it (.csv)")
+    p.add_argument(
+        "--x",
+        choices=["steps", "seconds", "both"],
+        default="both",
+        help="x axis: training env steps, wall-clock seconds, or both panels (default)",
+    )
 
 
 def _add_address(p: argparse.ArgumentParser) -> None:
@@ -162,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="cmd", required=True)
     _add_train(sub)
     _add_checkpoint_cmds(sub)
+    _add_views(sub)
     _add_jobs(sub)
     return parser
 
@@ -217,13 +262,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _local_learner(path: str):
     from gogepo_ray import checkpoint as ckpt
-    from gogepo_ray.core.learner import Learner
+    from gogepo_ray.core import make_learner
     from gogepo_ray.envs import policy_spec
 
     payload = ckpt.load(path)
     cfg = ckpt.config_of(payload)
     spec = policy_spec(cfg.env.id, cfg.policy.hidden, cfg.env.kwargs)
-    learner = Learner(cfg, spec)
+    learner = make_learner(cfg, spec)
     try:
         learner.load_state_dict(payload["learner"])
     except (KeyError, RuntimeError, ValueError) as exc:
@@ -241,37 +286,93 @@ def _rollouts(cfg, spec):
     )
 
 
+def _checkpoint_run_dir(checkpoint: str | Path) -> Path:
+    """The run directory a checkpoint belongs to: RUN for RUN/checkpoints/x.pt, else the
+    checkpoint file's folder."""
+    from gogepo_ray import checkpoint as ckpt
+
+    path = ckpt.resolve(checkpoint)
+    return path.parent.parent if path.parent.name == "checkpoints" else path.parent
+
+
+def _record_failures(checkpoint: str, batch, source: str) -> int:
+    """Append the failed episodes of ``batch`` to the run directory's failures.jsonl (the
+    file training writes; rows tagged with ``source`` and the checkpoint) and warn once on
+    stderr. Returns how many episodes failed."""
+    from gogepo_ray import checkpoint as ckpt
+    from gogepo_ray.evaluation import failure_rows
+
+    rows = failure_rows(batch, source=source, checkpoint=str(ckpt.resolve(checkpoint)))
+    if not rows:
+        return 0
+    path = _checkpoint_run_dir(checkpoint) / "failures.jsonl"
+    try:
+        with open(path, "a") as fh:
+            fh.writelines(json.dumps(row) + "\n" for row in rows)
+        where = f"all failures: {path}"
+    except OSError as exc:
+        where = f"could not write {path}: {exc}"
+    print(
+        f"warning: {len(rows)} of {len(batch.failures)} episodes failed and are left out of the "
+        f"results: {rows[0]['reason']} ({where})",
+        file=sys.stderr,
+    )
+    return len(rows)
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
+    from gogepo_ray.callbacks import json_metric
+    from gogepo_ray.evaluation import finished_returns, mean_std
+
     if args.episodes < 1:
         raise ConfigError("--episodes must be at least 1")
+    from gogepo_ray.core import takes_commands
+
     cfg, spec, learner = _local_learner(args.checkpoint)
+    if not takes_commands(cfg) and args.command is not None:
+        raise ConfigError(f"--command: this is an {cfg.algorithm} run; its policy takes no command")
     command = learner.eval_command() if args.command is None else args.command
     result = _rollouts(cfg, spec).run(learner.propose_eval([command], args.episodes))
+    failed = _record_failures(args.checkpoint, result, "gogepo eval")
+    lengths = [int(n) for n, f in zip(result.lengths, result.failures) if f is None]
+    mean, std = mean_std(finished_returns(result))
     out = {
         "env_id": cfg.env.id,
-        "command": command,
-        "episodes": args.episodes,
-        "return_mean": float(result.returns.mean()),
-        "return_std": float(result.returns.std()),
-        "length_mean": float(result.lengths.mean()),
+        "algorithm": cfg.algorithm,
+        "command": command if takes_commands(cfg) else None,
+        "episodes": args.episodes - failed,  # the episodes in the mean
+        "failed_episodes": failed,  # left out of the mean; NaN mean when none finished
+        "return_mean": mean,
+        "return_std": std,
+        "length_mean": sum(lengths) / len(lengths) if lengths else float("nan"),
     }
     if args.json:
-        print(json.dumps(out))
-    else:
         print(
-            f"{cfg.env.id}  command {command:.1f}  ->  return {out['return_mean']:.1f} ± {out['return_std']:.1f}"
-            f"  over {args.episodes} episodes"
+            json.dumps({k: json_metric(v) if isinstance(v, float) else v for k, v in out.items()})
         )
-    return 0
+    else:
+        left_out = f" ({failed} failed, left out)" if failed else ""
+        what = f"command {command:.1f}" if takes_commands(cfg) else f"{cfg.algorithm} policy"
+        print(
+            f"{cfg.env.id}  {what}  ->  return {mean:.1f} ± {std:.1f}"
+            f"  over {out['episodes']} episodes{left_out}"
+        )
+    return 1 if failed == args.episodes else 0
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from gogepo_ray import checkpoint as ckpt
     from gogepo_ray.evaluation import SweepResult, sweep_commands
 
     if args.episodes < 1:
         raise ConfigError("--episodes must be at least 1")
+    from gogepo_ray.core import takes_commands
+
     cfg, spec, learner = _local_learner(args.checkpoint)
+    if not takes_commands(cfg):
+        raise ConfigError(
+            f"sweep applies to GoGePo runs: this is an {cfg.algorithm} run, whose one policy takes "
+            "no command; use gogepo eval for its return"
+        )
     if args.commands is not None:
         if args.commands < 2:
             raise ConfigError("--commands must be at least 2")
@@ -280,30 +381,104 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         )
     commands = sweep_commands(cfg)
     result = _rollouts(cfg, spec).run(learner.propose_eval(commands, args.episodes))
+    _record_failures(args.checkpoint, result, "gogepo sweep")
     sweep = SweepResult.from_batch(result, len(commands), args.episodes)
+    stem = Path(args.out) if args.out else _checkpoint_run_dir(args.checkpoint) / "sweep"
+    csv_path, png_path = sweep.write(stem, cfg.env.id)
+    print(f"{'command':>10} {'achieved':>10} {'std':>8} {'failed':>6}")
+    for c, m, s, f in zip(sweep.commands, sweep.mean, sweep.std, sweep.failed):
+        print(f"{c:10.1f} {m:10.1f} {s:8.1f} {f:6d}")
+    print(f"mean |achieved − commanded| = {sweep.mean_abs_error:.1f}")
+    if sweep.failed_episodes:
+        print(
+            f"{sweep.failed_episodes} of {len(result.failures)} episodes failed and are left out "
+            "of the means (nan: every episode of that command failed)"
+        )
+    print(f"wrote {csv_path} and {png_path}")
+    return 1 if sweep.failed_episodes == len(result.failures) else 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from gogepo_ray.core import takes_commands
+    from gogepo_ray.export import export_policy
+
+    cfg, _, learner = _local_learner(args.checkpoint)
+    if takes_commands(cfg) and args.command is None:
+        raise ConfigError("--command is required: the desired return of the policy to export")
+    if not takes_commands(cfg) and args.command is not None:
+        raise ConfigError(f"--command: this is an {cfg.algorithm} run; its policy takes no command")
+    path = export_policy(learner, args.command, args.out)
+    what = f"G({args.command:g})" if takes_commands(cfg) else f"the {cfg.algorithm} policy"
+    print(
+        f"wrote {path}: {what} as a plain torch nn.Sequential "
+        "(load with gogepo_ray.export.load_policy, or the loader in README 'Export a policy')"
+    )
+    return 0
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    import math
+
+    from gogepo_ray import checkpoint as ckpt
+    from gogepo_ray.render import describe, prepare_gl, render_policy
+
+    if args.episodes < 1:
+        raise ConfigError("--episodes must be at least 1")
+    if args.max_steps is not None and args.max_steps < 1:
+        raise ConfigError("--max-steps must be at least 1")
+    if args.fps is not None and not args.fps > 0:
+        raise ConfigError("--fps must be positive")
+    if args.out and Path(args.out).suffix.lower() != ".mp4":
+        raise ConfigError(f"--out must be an .mp4 file, got {args.out!r}")
+    prepare_gl()  # a machine that cannot render says so before anything is loaded
+    cfg, spec, learner = _local_learner(args.checkpoint)
     ckpt_path = ckpt.resolve(args.checkpoint)
     run_dir = (
         ckpt_path.parent.parent if ckpt_path.parent.name == "checkpoints" else ckpt_path.parent
     )
-    stem = Path(args.out) if args.out else run_dir / "sweep"
-    csv_path, png_path = sweep.write(stem, cfg.env.id)
-    print(f"{'command':>10} {'achieved':>10} {'std':>8}")
-    for c, m, s in zip(sweep.commands, sweep.mean, sweep.std):
-        print(f"{c:10.1f} {m:10.1f} {s:8.1f}")
-    print(f"mean |achieved − commanded| = {sweep.mean_abs_error:.1f}")
-    print(f"wrote {csv_path} and {png_path}")
+    commands = None if args.command is None else [args.command]
+    result = render_policy(
+        cfg,
+        spec,
+        lambda: learner.propose_eval(commands, 1),
+        Path(args.out) if args.out else run_dir / "policy.mp4",
+        episodes=args.episodes,
+        max_steps=args.max_steps,
+        fps=args.fps,
+    )
+    if args.command is not None and not any(math.isfinite(c) for c in result.commands):
+        print(
+            f"note: {cfg.env.id} policies of this run take no command; --command was ignored",
+            file=sys.stderr,
+        )
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "path": str(result.path),
+                    "frames": result.frames,
+                    "fps": result.fps,
+                    "backend": result.backend,
+                    "returns": result.returns,
+                    "lengths": result.lengths,
+                }
+            )
+        )
+    else:
+        print(describe(result))
     return 0
 
 
-def cmd_export(args: argparse.Namespace) -> int:
-    from gogepo_ray.export import export_policy
+def cmd_compare(args: argparse.Namespace) -> int:
+    from gogepo_ray.compare import compare_runs
 
-    _, _, learner = _local_learner(args.checkpoint)
-    path = export_policy(learner, args.command, args.out)
-    print(
-        f"wrote {path}: G({args.command:g}) as a plain torch nn.Sequential "
-        "(load with gogepo_ray.export.load_policy, or the loader in README 'Export a policy')"
-    )
+    result = compare_runs(args.runs, args.out, args.x)
+    for note in result.notes:
+        print(f"note: {note}", file=sys.stderr)
+    for group, b in zip(result.groups, next(iter(result.bands.values()))):
+        last = f"{b.mean[-1]:.1f}" if b is not None and len(b.x) else "-"
+        print(f"{group.label}: {len(group.runs)} run(s), last mean evaluation return {last}")
+    print(f"wrote {result.png} and {result.csv}")
     return 0
 
 
@@ -367,6 +542,8 @@ COMMANDS = {
     "eval": cmd_eval,
     "sweep": cmd_sweep,
     "export": cmd_export,
+    "render": cmd_render,
+    "compare": cmd_compare,
     "submit": cmd_submit,
     "jobs": cmd_jobs,
 }

@@ -129,6 +129,28 @@ class ExplorationConfig(_Section):
     """σ of the Gaussian noise added to generated parameters of training policies."""
 
 
+class ArsConfig(_Section):
+    """Augmented Random Search V2-t (Mania et al. 2018, arXiv 1803.07055, Algorithm 2), run
+    with ``algorithm: ars``. Defaults are the ARS paper's Hopper settings."""
+
+    directions: int = Field(default=8, ge=1)
+    """N: random directions δ per iteration; each is run as θ + νδ and θ − νδ (2N episodes)."""
+    top_directions: int = Field(default=4, ge=1)
+    """b: the directions with the highest max(r+, r−) that make the step (b ≤ N; b < N is the "-t" of V2-t)."""
+    step_size: float = Field(default=0.01, gt=0)
+    """α: θ += α / (b σ_R) Σ (r+ − r−) δ over the top b directions, σ_R the std of their 2b returns."""
+    noise: float = Field(default=0.025, gt=0)
+    """ν: scale of the exploration perturbations of θ."""
+
+    @model_validator(mode="after")
+    def _check(self) -> ArsConfig:
+        if self.top_directions > self.directions:
+            raise ValueError(
+                f"top_directions ({self.top_directions}) must be at most directions ({self.directions})"
+            )
+        return self
+
+
 class LearnerConfig(_Section):
     device: str = "cpu"
     """Torch device of the learner: ``cpu`` or ``cuda`` (the learner actor then asks Ray for a GPU)."""
@@ -178,6 +200,8 @@ class RunConfig(_Section):
     """Commands in the final command sweep, spread over [return_min, return_max]."""
     sweep_at_end: bool = True
     """Run the command sweep once training ends and record it with the run."""
+    render_at_end: bool = False
+    """With tracking on: once training ends, render one evaluation episode (at most 1000 steps) to ``<run_dir>/policy.mp4`` and log it to MLflow. Needs an OpenGL backend (README "Rendering"); without one the run only warns."""
     max_worker_restarts: int = Field(default=20, ge=0)
     """Dead rollout workers replaced (their episodes re-issued) before the run fails."""
     max_consecutive_failures: int = Field(default=200, ge=1)
@@ -196,6 +220,8 @@ class TrackingConfig(_Section):
 class Config(_Section):
     """A whole GoGePo run."""
 
+    algorithm: Literal["gogepo", "ars"] = "gogepo"
+    """``gogepo``: the generator of policies. ``ars``: the paper's baseline, Augmented Random Search V2-t, on the same workers (the ``ars`` section; ``generator``, ``critic``, ``buffer`` and ``exploration`` are then unused)."""
     env: EnvConfig = Field(default_factory=EnvConfig)
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
     generator: GeneratorConfig = Field(default_factory=GeneratorConfig)
@@ -203,6 +229,7 @@ class Config(_Section):
     buffer: BufferConfig = Field(default_factory=BufferConfig)
     exploration: ExplorationConfig = Field(default_factory=ExplorationConfig)
     learner: LearnerConfig = Field(default_factory=LearnerConfig)
+    ars: ArsConfig = Field(default_factory=ArsConfig)
     run: RunConfig = Field(default_factory=RunConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
@@ -309,6 +336,10 @@ def reference_markdown() -> str:
     lines = ["| key | default | meaning |", "| --- | --- | --- |"]
     for section_name, section_field in Config.model_fields.items():
         model = section_field.annotation
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):  # a top-level key
+            desc = " ".join((section_field.description or "").split())
+            lines.append(f"| `{section_name}` | `{section_field.default}` | {desc} |")
+            continue
         for name, field in model.model_fields.items():
             if field.default_factory is not None:
                 default = field.default_factory()

@@ -36,10 +36,11 @@ from gogepo_ray.core.policy import to_sequential
 FORMAT = "gogepo-policy-v1"
 
 
-def build_policy(learner: Learner, command: float) -> tuple[nn.Sequential, dict]:
-    """G(command) with the normaliser and action bounds folded in, as an nn.Sequential."""
+def build_policy(learner: Learner, command: float | None) -> tuple[nn.Sequential, dict]:
+    """G(command) with the normaliser and action bounds folded in, as an nn.Sequential.
+    For a learner whose policy takes no command (ARS) ``command`` is None."""
     spec = learner.spec
-    batch = learner.propose_eval([command], episodes=1)
+    batch = learner.propose_eval(None if command is None else [command], episodes=1)
     params = torch.from_numpy(batch.policy_params[0])
     seq = to_sequential(spec, params)
     mean, std = (torch.from_numpy(a) for a in batch.normalizer())
@@ -56,11 +57,14 @@ def build_policy(learner: Learner, command: float) -> tuple[nn.Sequential, dict]
         bounds.weight.copy_(torch.diag((high - low) / 2))
         bounds.bias.copy_((high + low) / 2)
     policy = nn.Sequential(*seq, bounds).eval()
-    meta = {"command": float(command), "layer_sizes": list(spec.layer_sizes)}
+    meta = {
+        "command": None if command is None else float(command),
+        "layer_sizes": list(spec.layer_sizes),
+    }
     return policy, meta
 
 
-def export_policy(learner: Learner, command: float, path: str | Path) -> Path:
+def export_policy(learner: Learner, command: float | None, path: str | Path) -> Path:
     policy, meta = build_policy(learner, command)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -156,6 +156,10 @@ class GoGePoConfig(AlgorithmConfig):
     """RLlib-style builder for a GoGePo run; see the module docstring for the mapping of
     RLlib settings onto GoGePo's config sections."""
 
+    # The run config's ``algorithm`` this builder's Algorithm runs, and its Tune name.
+    ALGORITHM = "gogepo"
+    TUNE_NAME = _rllib_hook.NAME
+
     def __init__(self, algo_class: type | None = None) -> None:
         super().__init__(algo_class=algo_class or GoGePo)
         self.gogepo: dict[str, Any] = {}
@@ -233,6 +237,12 @@ class GoGePoConfig(AlgorithmConfig):
                 f"gogepo: must be a dict of config sections, got {type(self.gogepo).__name__}"
             )
         data = _merged(_DEFAULTS, self.gogepo)
+        if data.setdefault("algorithm", self.ALGORITHM) != self.ALGORITHM:
+            other = "GoGePoARSConfig" if data["algorithm"] == "ars" else "GoGePoConfig"
+            raise ConfigError(
+                f"algorithm: gogepo={{...}} sets {data['algorithm']!r}, but {type(self).__name__} "
+                f"builds {self.ALGORITHM!r} runs; use {other} for {data['algorithm']!r}"
+            )
         env = self.env
         if isinstance(env, type):
             env = f"{env.__module__}:{env.__qualname__}"
@@ -477,6 +487,11 @@ class GoGePo(Algorithm):
             for s, k in _SHAPE_KEYS
             if saved.get(s, {}).get(k) != mine[s][k]
         ]
+        if saved.get("algorithm", "gogepo") != mine["algorithm"]:
+            diff.insert(
+                0,
+                f"algorithm: checkpoint {saved.get('algorithm', 'gogepo')!r}, config {mine['algorithm']!r}",
+            )
         if diff:
             raise ckpt.CheckpointError(
                 "the checkpoint belongs to another env or architecture: " + "; ".join(diff)
@@ -681,7 +696,7 @@ def tune_with_mlflow(
     status = "FAILED"
     try:
         results = tune.Tuner(
-            _rllib_hook.NAME, param_space=config, tune_config=tune_config, run_config=run_config
+            config.TUNE_NAME, param_space=config, tune_config=tune_config, run_config=run_config
         ).fit()
         status = "FINISHED" if not results.errors else "FAILED"
         return results, parent_id
@@ -689,4 +704,28 @@ def tune_with_mlflow(
         client.set_terminated(parent_id, status)
 
 
+class GoGePoARSConfig(GoGePoConfig):
+    """The builder of :class:`GoGePoARS` runs: the same settings, with ``algorithm: ars``
+    (the ARS settings go in ``gogepo={"ars": {...}}``)."""
+
+    ALGORITHM = "ars"
+    TUNE_NAME = _rllib_hook.ARS_NAME
+
+    def __init__(self, algo_class: type | None = None) -> None:
+        super().__init__(algo_class=algo_class or GoGePoARS)
+
+
+class GoGePoARS(GoGePo):
+    """The paper's ARS V2-t baseline as an RLlib Algorithm (Tune name ``"GoGePoARS"``); it
+    runs in the same Trainer, on the same workers, as :class:`GoGePo`."""
+
+    config: GoGePoARSConfig
+
+    @classmethod
+    @override(Algorithm)
+    def get_default_config(cls) -> GoGePoARSConfig:
+        return GoGePoARSConfig()
+
+
 register_trainable(_rllib_hook.NAME, GoGePo)
+register_trainable(_rllib_hook.ARS_NAME, GoGePoARS)

@@ -202,7 +202,12 @@ class Rollouts:
         master = batch.obs_stats()
         train = batch.kind == "train"
         ctl = np.array(
-            [train and master.count > 0, master.count > 0, 0 if train else -1, master.count]
+            [
+                train and batch.follow_stats and master.count > 0,
+                master.count > 0,
+                0 if train else -1,
+                master.count,
+            ]
             + list(self.spec.layer_sizes),
             np.int64,
         )

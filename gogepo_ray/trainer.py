@@ -32,6 +32,7 @@ import torch
 
 from gogepo_ray import checkpoint as ckpt
 from gogepo_ray.config import Config
+from gogepo_ray.core import takes_commands
 from gogepo_ray.core.normalizer import EPS
 from gogepo_ray.distributed.actors import (
     check_learner_gpu,
@@ -42,7 +43,7 @@ from gogepo_ray.distributed.actors import (
 )
 from gogepo_ray.envs import policy_spec
 from gogepo_ray.errors import TrainingError
-from gogepo_ray.evaluation import SweepResult, sweep_commands
+from gogepo_ray.evaluation import SweepResult, failure_rows, sweep_commands
 from gogepo_ray.types import EpisodeBatch, LearnerStats, ParamBatch
 
 
@@ -116,6 +117,9 @@ class Trainer:
         self._inflight: dict[ray.ObjectRef, tuple[int, ParamBatch | ray.ObjectRef, int]] = {}
         self._stats_refs: list[ray.ObjectRef] = []  # learner steps in progress, oldest first
         self._waiting: list[tuple[int, EpisodeBatch]] = []  # results for the next learner step
+        # Workers the learner had no episodes for (ARS, while its iteration's last results
+        # are out): they get work from the next learner step instead of asking again at once.
+        self._parked: list[int] = []
         self._consecutive_failures = 0
         self._failure_log = open(self.run_dir / "failures.jsonl", "a")
         self._started = time.perf_counter()
@@ -162,8 +166,9 @@ class Trainer:
         generator that has learned from every episode counted so far; the others get
         training policies written by the step."""
         group, self._waiting = self._waiting, []
+        parked, self._parked = (self._parked, []) if give_work else ([], self._parked)
         resumed, evaluate, need = [], None, []
-        for worker, _ in group if give_work else []:
+        for worker in [w for w, _ in group] + parked if give_work else []:
             if len(resumed) < len(self._resume_batches):
                 resumed.append(worker)
             elif evaluate is None and self._eval_due():
@@ -203,6 +208,9 @@ class Trainer:
             for cb in self.callbacks:
                 cb.on_eval(self, issued_at, mean, std)
             return
+        if len(result.episode_ids) == 0:  # the learner had nothing to hand out
+            self._parked.append(worker)
+            return
         self.progress.env_steps += int(result.lengths[ok].sum())
         self.progress.episodes += int(ok.sum())
         self.progress.failed_episodes += len(failed)
@@ -216,15 +224,8 @@ class Trainer:
             )
         self._waiting.append((worker, result))
 
-    def _log_failures(self, result: EpisodeBatch, failed: list[int]) -> None:
-        for i in failed:
-            row = {
-                "kind": result.kind,
-                "episode_id": int(result.episode_ids[i]),
-                "command": float(result.commands[i]),
-                "length": int(result.lengths[i]),
-                "reason": result.failures[i],
-            }
+    def _log_failures(self, result: EpisodeBatch, failed: list[int], **extra: str) -> None:
+        for row in failure_rows(result, **extra):
             self._failure_log.write(json.dumps(row) + "\n")
         if failed:
             self._failure_log.flush()
@@ -277,6 +278,7 @@ class Trainer:
         """Stream episodes until ``target_env_steps`` training steps have been taken.
         Work in flight carries over to the next call."""
         if not self._inflight and not self._stats_refs:
+            self._parked = []
             for w in range(len(self.workers)):
                 self._next_work(w)
         while self.progress.env_steps < target_env_steps:
@@ -353,6 +355,8 @@ class Trainer:
         result = self.evaluate(commands, episodes)
         self.progress.eval_env_steps += int(result.lengths.sum())
         self.progress.rollout_seconds += result.rollout_seconds
+        failed = [i for i, f in enumerate(result.failures) if f is not None]
+        self._log_failures(result, failed, source="sweep")  # left out of the sweep's means
         return SweepResult.from_batch(result, len(commands), episodes)
 
     def finish(self) -> dict:
@@ -360,14 +364,19 @@ class Trainer:
         if self._finished:
             return json.loads((self.run_dir / "summary.json").read_text())
         self._drain_inflight()
-        self._handle(self.evaluate(), self.progress.env_steps, -1)
+        final = self.evaluate()
+        self._handle(final, self.progress.env_steps, -1)
         final_mean = self.last_eval
         self.latest_stats = ray.get(self.learner.stats.remote())
         self.save_checkpoint(final=True)
-        if self.cfg.run.sweep_at_end:
+        sweep = None
+        if self.cfg.run.sweep_at_end and takes_commands(self.cfg):
             sweep = self.sweep()
             sweep.write(self.run_dir / "sweep", self.cfg.env.id)
         summary = self.summary(final_eval=final_mean)
+        # failed episodes are left out of the final evaluation's and the sweep's means
+        summary["final_eval_failed_episodes"] = sum(f is not None for f in final.failures)
+        summary["sweep_failed_episodes"] = sweep.failed_episodes if sweep else None
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         self._finished = True
         for cb in self.callbacks:
@@ -464,7 +473,8 @@ def _batch_from_state(d: dict, master_count: int) -> ParamBatch:
         }
     fields = {k: d[k].numpy() for k in ParamBatch._fields if k != "kind" and k in d}
     ints = {k: int(fields[k]) for k in ("obs_count", "trained_env_steps") if k in fields}
-    return ParamBatch(kind=d["kind"], **fields | ints)
+    flags = {k: bool(fields[k]) for k in ("follow_stats",) if k in fields}
+    return ParamBatch(kind=d["kind"], **fields | ints | flags)
 
 
 def load_resume(run_dir: str | Path) -> dict:

@@ -27,6 +27,9 @@ class ParamBatch(NamedTuple):
     # Training env steps the generator had learned from when it wrote these policies: an
     # evaluation is reported at this step, not at the step it was scheduled for.
     trained_env_steps: int = -1
+    # Training policies see statistics that follow their own steps (the paper's code); False
+    # keeps the master statistics fixed through the episode (ARS: a ± pair sees the same ones).
+    follow_stats: bool = True
 
     def obs_stats(self) -> ObsStats:
         """The master statistics this batch carries, as an ObsStats of its own."""
@@ -56,20 +59,19 @@ class EpisodeBatch(NamedTuple):
 
 
 class LearnerStats(NamedTuple):
-    """The learner's counters and latest losses after an update."""
+    """A learner's counters after an update, and its own metrics by their logged names."""
 
     env_steps: int
     episodes: int
     failed_episodes: int
-    best_return: float
-    last_return: float  # mean training return of the episodes this update learned from
-    buffer_size: int
-    critic_loss: float
-    generator_loss: float
-    critic_fresh_error: float  # |V(θ) − R| on episodes before they were trained on
+    best_return: float  # best training return taken in (survival offset included)
+    last_return: float  # mean training return of the episodes the last update learned from
     learner_seconds: float
     update_seconds: float  # this call's update time
-    rounds: int = 0  # critic+generator rounds run so far
+    rounds: int  # updates so far: GoGePo critic+generator rounds, ARS iterations
+    # The algorithm's own figures, e.g. {"losses/critic": 1.2, "buffer/size": 40}; a figure
+    # that does not exist yet (no update so far) is left out rather than given as NaN.
+    metrics: dict[str, float]
 
 
 def episode_seed(run_seed: int, kind: Kind, episode_id: int) -> int:

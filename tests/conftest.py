@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
+from collections.abc import Collection
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -40,6 +43,36 @@ def ray_session():
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
+
+
+def assert_same_state(a: Any, b: Any, skip: Collection[str] = (), path: str = "") -> None:
+    """Two checkpoint states are equal in every key, tensor, number and list, at any depth
+    (optimiser states, RNG states and counters included). ``skip`` names dotted paths left
+    out, e.g. ``counters.learner_seconds``, a timer."""
+    import torch
+
+    if path in skip:
+        return
+    where = path or "state"
+    if isinstance(a, dict):
+        assert isinstance(b, dict), f"{where}: dict against {type(b).__name__}"
+        assert a.keys() == b.keys(), f"{where}: keys {sorted(map(str, a))} != {sorted(map(str, b))}"
+        for key in a:
+            assert_same_state(a[key], b[key], skip, f"{path}.{key}" if path else str(key))
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), f"{where}: {a!r} != {b!r}"
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_state(x, y, skip, f"{where}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor), f"{where}: tensor against {type(b).__name__}"
+        assert a.dtype == b.dtype and a.shape == b.shape, (
+            f"{where}: {a.dtype}{tuple(a.shape)} != {b.dtype}{tuple(b.shape)}"
+        )
+        assert torch.equal(a, b), f"{where} differs"
+    elif isinstance(a, float) and isinstance(b, float) and math.isnan(a):
+        assert math.isnan(b), f"{where}: nan != {b!r}"
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
 
 
 def run_gogepo(

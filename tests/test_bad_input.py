@@ -4,6 +4,7 @@ and a crash while writing one leaves the previous one intact."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -20,25 +21,68 @@ from tests.conftest import ROOT, TINY
 
 IP = str(ROOT / "configs" / "inverted_pendulum.yaml")
 
+# `python -m gogepo_ray`, except that the first `import ray` replaces ray.init and Ray's
+# Node (what every start of, or connection to, a Ray instance goes through, ray.init's
+# automatic calls included) with a stop: exit status 86 and a line that says so.
+NO_RAY = """
+import importlib.abc, importlib.machinery, os, runpy, sys
 
-def gogepo(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+def ray_started(*args, **kwargs):
+    sys.stderr.write("NO_RAY guard: the command started or joined Ray\\n")
+    sys.stderr.flush()
+    os._exit(86)
+
+class NoRay(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name != "ray":
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        load = spec.loader.exec_module
+
+        def exec_module(module):
+            load(module)
+            import ray._private.node
+            module.init = ray_started
+            ray._private.node.Node.__init__ = ray_started
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+sys.meta_path.insert(0, NoRay())
+runpy.run_module("gogepo_ray", run_name="__main__", alter_sys=True)
+"""
+
+
+def gogepo(
+    *args: str, cwd: Path, no_ray: bool = True, pythonpath: str = str(ROOT)
+) -> subprocess.CompletedProcess:
+    """The CLI in a subprocess; with ``no_ray`` any start of Ray ends it (status 86)."""
+    start = ["-c", NO_RAY] if no_ray else ["-m", "gogepo_ray"]
     return subprocess.run(
-        [sys.executable, "-m", "gogepo_ray", *args],
+        [sys.executable, *start, *args],
         cwd=cwd,
         capture_output=True,
         text=True,
         timeout=120,
-        env=os.environ | {"PYTHONPATH": str(ROOT)},
+        env=os.environ | {"PYTHONPATH": pythonpath},
     )
 
 
 def assert_user_error(res: subprocess.CompletedProcess, *needles: str) -> None:
+    assert "NO_RAY guard" not in res.stderr, res.stderr[-2000:]  # rejected before Ray started
     assert res.returncode == 2, (res.returncode, res.stderr[-2000:])
     assert res.stderr.startswith("error:") or "\nerror:" in res.stderr, res.stderr
     for needle in needles:
         assert needle in res.stderr, (needle, res.stderr)
     assert "Traceback" not in res.stderr
-    assert "Ray" not in res.stderr  # rejected before any cluster started
+
+
+def test_no_ray_guard_stops_a_command_that_starts_ray(tmp_path):
+    """The guard above catches a real start: a valid `gogepo train` gets as far as ray.init."""
+    sets = [a for s in [*TINY, f"run.output_dir={tmp_path}"] for a in ("--set", s)]
+    res = gogepo("train", IP, *sets, "--no-progress", cwd=tmp_path)
+    assert res.returncode == 86, (res.returncode, res.stderr[-2000:])
+    assert "NO_RAY guard: the command started or joined Ray" in res.stderr
 
 
 @pytest.mark.parametrize(
@@ -71,13 +115,13 @@ def test_dict_observation_space_is_rejected(tmp_path):
         "    observation_space = gym.spaces.Dict({'a': gym.spaces.Box(-1, 1, (2,))})\n"
         "    action_space = gym.spaces.Box(-1, 1, (1,))\n"
     )
-    res = subprocess.run(
-        [sys.executable, "-m", "gogepo_ray", "train", IP, "--set", "env.id=dict_env:DictEnv"],
+    res = gogepo(
+        "train",
+        IP,
+        "--set",
+        "env.id=dict_env:DictEnv",
         cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=os.environ | {"PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"},
+        pythonpath=f"{tmp_path}{os.pathsep}{ROOT}",
     )
     assert_user_error(res, "observation space must be a Box, got Dict")
 
@@ -182,9 +226,70 @@ def test_cuda_learner_without_a_gpu_stops_instead_of_waiting(tmp_path):
     sets = [a for s in TINY for a in ("--set", s)]
     res = gogepo(
         "train", IP, *sets, "--set", "learner.device=cuda", "--set", f"run.output_dir={tmp_path}",
-        "--no-progress", cwd=tmp_path,
+        "--no-progress", cwd=tmp_path, no_ray=False,
     )  # fmt: skip
     assert res.returncode == 2, (res.returncode, res.stderr[-2000:])
     assert "error: learner.device=cuda needs a GPU" in res.stderr, res.stderr[-2000:]
     assert "0 GPUs" in res.stderr and "learner.device=cpu" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+# On a Ray instance that declares one GPU (real or not): the GPU is taken by another actor,
+# so the learner actor can only wait, and its pending request shows what it asked Ray for;
+# then the GPU is freed and the learner starts, or on a machine without CUDA fails in torch.
+CUDA_LEARNER_ON_A_DECLARED_GPU = """
+import json, sys, time
+import ray
+from ray.autoscaler.v2.sdk import get_cluster_status
+from gogepo_ray.config import load_config
+from gogepo_ray.distributed.actors import check_learner_gpu, learner_actor
+from gogepo_ray.envs import policy_spec
+
+cfg = load_config(sys.argv[1], sys.argv[2:])
+ray.init(num_cpus=4, num_gpus=1, include_dashboard=False, log_to_driver=False,
+         configure_logging=False)
+check_learner_gpu(cfg, local=True)  # a GPU is declared: no error
+
+@ray.remote(num_gpus=1, num_cpus=0)
+class HoldsTheGPU:
+    def ready(self):
+        return True
+
+holder = HoldsTheGPU.remote()
+ray.get(holder.ready.remote())
+learner = learner_actor(cfg, policy_spec(cfg.env.id, cfg.policy.hidden))
+pending, deadline = [], time.monotonic() + 90
+while not pending and time.monotonic() < deadline:
+    demand = get_cluster_status(ray.get_runtime_context().gcs_address).resource_demands
+    pending = [dict(r.bundle) for d in demand.ray_task_actor_demand for r in d.bundles_by_count]
+    time.sleep(0.5)
+ray.kill(holder)
+try:
+    ray.get(learner.pid.remote(), timeout=180)
+    outcome = "started"
+except Exception as exc:
+    outcome = f"{type(exc).__name__}: {exc}"
+print(json.dumps({"pending": pending, "outcome": outcome}))
+"""
+
+
+def test_cuda_learner_asks_ray_for_one_gpu(tmp_path):
+    sets = [*TINY, "learner.device=cuda", "learner.num_cpus=2"]
+    res = subprocess.run(
+        [sys.executable, "-c", CUDA_LEARNER_ON_A_DECLARED_GPU, IP, *sets],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=400,
+        env=os.environ | {"PYTHONPATH": str(ROOT)},
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    # While the GPU was taken, Ray held exactly the learner's request: its CPUs and one GPU.
+    assert out["pending"] == [{"CPU": 2.0, "GPU": 1.0}], out
+    # Once the GPU was free Ray placed the learner: it runs on a CUDA machine; elsewhere the
+    # error is torch's, about CUDA, not Ray's about resources.
+    if not torch.cuda.is_available():
+        assert "ActorDiedError" in out["outcome"] and "CUDA" in out["outcome"], out["outcome"]
+    else:
+        assert out["outcome"] == "started", out["outcome"]

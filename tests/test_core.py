@@ -302,8 +302,15 @@ def test_generator_bf16_close_to_fp32():
     torch.manual_seed(0)
     g16 = Generator(spec, command_scale=COMMAND_SCALE, tile=4, hidden=(32, 32), bf16=True)
     c = torch.tensor([0.0, 200.0])
+    # What the hypernetworks' inner layers compute in, seen from inside the forward.
+    seen: dict[str, set] = {"fp32": set(), "bf16": set()}
+    for name, g in (("fp32", g32), ("bf16", g16)):
+        for module in g.hypernets.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.register_forward_hook(lambda m, i, out, n=name: seen[n].add(out.dtype))
     with torch.no_grad():
         a, b = g32(c), g16(c)
+    assert seen == {"fp32": {torch.float32}, "bf16": {torch.bfloat16}}, seen
     assert b.dtype == torch.float32 and b.shape == a.shape
     assert (a - b).abs().max() < 0.05 * a.abs().max()
     assert not torch.equal(a, b)  # bf16 really ran: a no-op flag would give fp32's values
@@ -679,11 +686,12 @@ def test_learner_ingest(cfg, spec):
     buf_params = learner.buffer.state_dict()["params"].numpy()
     assert np.array_equal(buf_params, pb.policy_params[[0, 2]])
     assert learner.best_return == 60.0
-    assert stats.best_return == 60.0 and stats.buffer_size == 2
+    assert stats.best_return == 60.0 and stats.metrics["buffer/size"] == 2
     assert learner.env_steps == 50 and stats.env_steps == 50
     assert learner.episodes == 2 and stats.episodes == 2
     assert learner.failed_episodes == 1 and stats.failed_episodes == 1
-    assert math.isfinite(stats.critic_loss) and math.isfinite(stats.generator_loss)
+    assert math.isfinite(stats.metrics["losses/critic"])
+    assert math.isfinite(stats.metrics["losses/generator"])
     assert learner.obs_stats.count == 70
     assert np.allclose(learner.obs_stats.mean, obs.mean(0)) and np.allclose(
         learner.obs_stats.var, obs.var(0)
@@ -702,7 +710,7 @@ def test_learner_ingest(cfg, spec):
     assert learner.best_return == 60.0 and learner.env_steps == 60 and learner.episodes == 4
     both = np.concatenate([obs, obs2])
     assert learner.obs_stats.count == 100 and np.allclose(learner.obs_stats.mean, both.mean(0))
-    assert math.isfinite(stats.critic_fresh_error)
+    assert math.isfinite(stats.metrics["losses/critic_fresh_error"])
 
     # All-failed batch: counted, nothing stored, statistics still merged (as sent).
     pb3 = learner.propose(2)
@@ -862,10 +870,10 @@ def test_learner_state_dict_exact_resume(cfg, spec, tmp_path):
         "episodes",
         "failed_episodes",
         "best_return",
-        "buffer_size",
         "learner_seconds",
     ):
         assert getattr(sa, f) == getattr(sb, f), f
+    assert sa.metrics["buffer/size"] == sb.metrics["buffer/size"]
     assert a.next_id == b.next_id
     assert a.obs_stats.count == b.obs_stats.count and np.array_equal(
         a.obs_stats.mean, b.obs_stats.mean

@@ -32,6 +32,9 @@ IMAGE_RE = re.compile(re.escape(IMAGE_REPO) + r":([A-Za-z0-9][A-Za-z0-9_.-]*)")
 # Tag suffixes (after "<version>-") that name an image variant; "" is the CPU image.
 IMAGE_VARIANTS = {"", "cuda"}
 CONFIG_REF_RE = re.compile(r"configs/[A-Za-z0-9_.\-/]+\.ya?ml")
+# A config a README says is *not* shipped: "no `configs/x.yaml` ships".
+ABSENT_REF_RE = re.compile(r"\bno `(" + CONFIG_REF_RE.pattern + r")`")
+TOP_README = ROOT / "README.md"
 ARG_RE = re.compile(r"^\s*ARG\s+([A-Z0-9_]+)=(\S+)\s*$", re.MULTILINE)
 PIN_RE = re.compile(
     r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*(?:\[[^\]]*\])?\s*==\s*([^\s;,]+)\s*(?:;.*)?$"
@@ -141,18 +144,22 @@ def _kuberay_docs() -> list[tuple[Path, dict]]:
     return out
 
 
-def _config_refs() -> list[tuple[str, str]]:
-    """(config path, file that names it) for every configs/*.yaml in cluster/ and the READMEs."""
-    sources = _cluster_yaml_files() + [CLUSTER_DIR / "README.md", DOCKER_README]
+def _config_refs(absent: bool = False) -> list[tuple[str, str]]:
+    """(config path, file that names it) for every configs/*.yaml in cluster/ and the READMEs
+    (the top-level one included). ``absent``: the ones a README says do not ship."""
+    sources = _cluster_yaml_files() + [TOP_README, CLUSTER_DIR / "README.md", DOCKER_README]
     refs = set()
     for src in sources:
         if src.exists():
-            for ref in CONFIG_REF_RE.findall(src.read_text()):
+            text = src.read_text()
+            said_absent = set(ABSENT_REF_RE.findall(text))
+            for ref in said_absent if absent else set(CONFIG_REF_RE.findall(text)) - said_absent:
                 refs.add((ref, _rel(src)))
     return sorted(refs)
 
 
 CONFIG_REFS = _config_refs()
+ABSENT_CONFIG_REFS = _config_refs(absent=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -281,11 +288,19 @@ def test_no_foreign_ray_images_in_manifests():
 
 def test_some_config_is_referenced():
     assert CONFIG_REFS, "expected cluster/ or the READMEs to name at least one configs/*.yaml"
+    assert "README.md" in {source for _, source in CONFIG_REFS}, "README.md was not read"
 
 
 @pytest.mark.parametrize("ref,source", CONFIG_REFS, ids=[f"{r}@{s}" for r, s in CONFIG_REFS])
 def test_referenced_config_exists(ref: str, source: str):
     assert (ROOT / ref).is_file(), f"{source} names {ref}, which does not exist in the repo"
+
+
+@pytest.mark.parametrize(
+    "ref,source", ABSENT_CONFIG_REFS, ids=[f"{r}@{s}" for r, s in ABSENT_CONFIG_REFS]
+)
+def test_config_said_not_to_ship_is_absent(ref: str, source: str):
+    assert not (ROOT / ref).exists(), f"{source} says {ref} does not ship, but it is in the repo"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@ driver, misbehaving envs, and a run where every episode fails."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -22,7 +23,7 @@ from gogepo_ray.envs import policy_spec
 from gogepo_ray.rollout import Rollouts
 from gogepo_ray.trainer import Trainer, TrainingError, resume_trainer
 from gogepo_ray.types import ParamBatch
-from tests.conftest import ROOT, TINY
+from tests.conftest import ROOT, TINY, assert_same_state
 
 pytestmark = pytest.mark.e2e
 
@@ -111,91 +112,165 @@ def _learner_state_after(trainer: Trainer, steps: int) -> dict:
     return ray.get(trainer.learner.state_dict.remote())
 
 
+# The whole learner state, timers aside: networks, optimisers, buffer, observation
+# statistics, both RNG states, best return and every counter.
 def _assert_same_state(a: dict, b: dict) -> None:
-    for part in ("generator", "critic"):
-        for key in a[part]:
-            assert torch.equal(a[part][key], b[part][key]), f"{part}.{key} differs"
-    assert torch.equal(a["buffer"]["params"], b["buffer"]["params"])
-    assert torch.equal(a["buffer"]["returns"], b["buffer"]["returns"])
-    assert torch.equal(a["rng"], b["rng"])
-    for key in ("env_steps", "episodes", "next_train_id", "next_eval_id"):
-        assert a["counters"][key] == b["counters"][key], key
-    assert a["best_return"] == b["best_return"]
-    for key in ("count", "mean", "m2"):
-        assert torch.equal(a["obs_stats"][key], b["obs_stats"][key])
+    assert_same_state(a, b, skip={"counters.learner_seconds"})
 
 
-def test_interrupted_then_resumed_run_equals_uninterrupted(ray_session, tmp_path):
-    over = [
-        *TINY,
-        "run.workers=1",
-        "run.eval_every=150",
-        "run.eval_episodes=2",
-        "run.checkpoint_every=100000",
-    ]
-    cfg_a = load_config(IP, [*over, f"run.output_dir={tmp_path / 'a'}"])
-    a = Trainer(cfg_a)
+def _assert_resumed_from(trainer: Trainer, payload: dict) -> None:
+    """Right after resuming, before any new episode: the trainer holds the checkpoint's
+    state, and that state is well past a fresh start (so a resume that ignored the
+    checkpoint cannot pass by replaying the same seeded run)."""
+    saved = payload["learner"]
+    c = saved["counters"]
+    assert c["env_steps"] >= 300 and c["episodes"] > 0 and c["rounds"] > 0, c
+    assert c["next_eval_id"] > 0 and saved["best_return"] is not None, c
+    assert saved["buffer"]["total_added"] == c["episodes"] == len(saved["buffer"]["returns"])
+    assert int(saved["obs_stats"]["count"]) > 0
+    assert payload["progress"]["env_steps"] == c["env_steps"]
+    assert payload["progress"]["eval_history"], "no evaluation before the checkpoint"
+    assert payload["inflight"], "no policy was out on the worker at the checkpoint"
+    live = ray.get(trainer.learner.state_dict.remote())
+    assert live["counters"] == c, "the resumed learner's counters are not the checkpoint's"
+    assert trainer.progress.__dict__ == payload["progress"]  # eval history included
+    assert len(trainer._resume_batches) == len(payload["inflight"])
+    assert_same_state(saved, live)
+
+
+RESUME_SETTINGS = [
+    *TINY,
+    "run.workers=1",
+    "run.eval_every=150",
+    "run.eval_episodes=2",
+    "run.checkpoint_every=100000",
+]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(ray_session, tmp_path_factory) -> tuple[dict, list]:
+    """Learner state and evaluations of a run taken to 600 steps without interruption."""
+    cfg = load_config(IP, [*RESUME_SETTINGS, f"run.output_dir={tmp_path_factory.mktemp('a')}"])
+    trainer = Trainer(cfg)
     try:
-        state_a = _learner_state_after(a, 600)
-        evals_a = a.progress.eval_history
+        return _learner_state_after(trainer, 600), trainer.progress.eval_history
     finally:
-        a.shutdown()
+        trainer.shutdown()
 
-    cfg_b = load_config(IP, [*over, f"run.output_dir={tmp_path / 'b'}"])
-    b = Trainer(cfg_b)
+
+def _resume_and_compare(run_dir: Path, uninterrupted: tuple[dict, list]) -> None:
+    payload = ckpt.load(run_dir / "checkpoints" / "latest.pt")
+    resumed = resume_trainer(run_dir)
     try:
-        b.run_until(300)
-        b.save_checkpoint()  # the state a crash would leave behind
-    finally:
-        b.shutdown()
-    resumed = resume_trainer(b.run_dir)
-    try:
-        state_b = _learner_state_after(resumed, 600)
-        evals_b = resumed.progress.eval_history
+        _assert_resumed_from(resumed, payload)
+        state = _learner_state_after(resumed, 600)
+        evals = resumed.progress.eval_history
     finally:
         resumed.shutdown()
-    _assert_same_state(state_a, state_b)
-    assert [e[:2] for e in evals_a] == [e[:2] for e in evals_b]
+    state_a, evals_a = uninterrupted
+    _assert_same_state(state_a, state)
+    assert [e[:2] for e in evals_a] == [e[:2] for e in evals]
+
+
+def test_interrupted_then_resumed_run_equals_uninterrupted(uninterrupted, tmp_path):
+    cfg = load_config(IP, [*RESUME_SETTINGS, f"run.output_dir={tmp_path}"])
+    b = Trainer(cfg)
+    try:
+        b.run_until(300)
+        b.save_checkpoint()  # a clean stop: checkpoint, then shut down
+    finally:
+        b.shutdown()
+    _resume_and_compare(b.run_dir, uninterrupted)
+
+
+# A driver that writes its scheduled checkpoint and is SIGKILLed the moment it is on disk,
+# with the worker's next episode in flight.
+CRASH_AFTER_CHECKPOINT = """
+import os, signal, sys
+from gogepo_ray.config import load_config
+from gogepo_ray.trainer import Trainer
+
+class KilledAfterCheckpoint:
+    def on_checkpoint(self, trainer, path):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def __getattr__(self, event):  # every other event: nothing
+        return lambda *args: None
+
+config, run_dir, *overrides = sys.argv[1:]
+trainer = Trainer(load_config(config, overrides), run_dir=run_dir, callbacks=[KilledAfterCheckpoint()])
+trainer.run_until(10**9)
+"""
+
+
+def test_crashed_then_resumed_run_equals_uninterrupted(uninterrupted, tmp_path):
+    run_dir = tmp_path / "run"
+    # The crashing driver joins the test's Ray instance (as a second driver would join a
+    # cluster); Ray ends its actors when the driver process dies.
+    gcs = ray.get_runtime_context().gcs_address
+    res = subprocess.run(
+        [sys.executable, "-c", CRASH_AFTER_CHECKPOINT, IP, str(run_dir), *RESUME_SETTINGS,
+         "run.checkpoint_every=300", f"run.output_dir={tmp_path}"],
+        cwd=tmp_path, env=os.environ | {"RAY_ADDRESS": gcs}, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert res.returncode == -signal.SIGKILL, (res.returncode, res.stderr[-3000:])
+    _resume_and_compare(run_dir, uninterrupted)
 
 
 def test_sigkilled_driver_resumes_from_its_checkpoint(tmp_path):
+    """`gogepo train --resume` after the driver and its local Ray were SIGKILLed: the run
+    goes on from the checkpoint, keeps what came before it (buffer, evaluations) and
+    continues its MLflow run. The env draws its start points from OS entropy, so a run
+    that started over could not reproduce the checkpoint's returns."""
+    from mlflow.tracking import MlflowClient
+
     run_dir = tmp_path / "run"
-    env = os.environ | {"PYTHONPATH": str(ROOT)}
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = os.environ | {"PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": uri}
     args = [sys.executable, "-m", "gogepo_ray", "train", "--no-progress", "--run-dir", str(run_dir)]
     sets = [
         *TINY,
         "env.id=tests.fault_envs:PointEnv",
-        "env.kwargs={step_sleep: 0.002}",
+        "env.kwargs={step_sleep: 0.01, unseeded: true}",
         "env.return_min=-100",
         "env.return_max=0",
         "run.workers=1",
         "run.total_env_steps=2400",
         "run.checkpoint_every=400",
-        "run.eval_every=400",
+        "run.eval_every=200",
         "run.eval_episodes=2",
+        "tracking.enabled=true",
     ]
     overrides = [x for s in sets for x in ("--set", s)]
-    proc = subprocess.Popen(
-        [*args, IP, *overrides],
-        cwd=tmp_path,
-        env=env,
-        start_new_session=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
+    log = tmp_path / "first.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [*args, IP, *overrides],
+            cwd=tmp_path,
+            env=env,
+            start_new_session=True,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     latest = run_dir / "checkpoints" / "latest.pt"
+    run_id_file = run_dir / "mlflow_run_id"
     deadline = time.monotonic() + 240
     try:
-        while not latest.exists() and time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.5)
-        assert latest.exists(), (
-            proc.stderr.read().decode()[-2000:] if proc.poll() is not None else "no checkpoint"
-        )
-        before = ckpt.load(latest)["learner"]["counters"]
+        while not (latest.exists() and run_id_file.exists()) and time.monotonic() < deadline:
+            assert proc.poll() is None, (
+                f"the run ended before it was killed:\n{log.read_text()[-3000:]}"
+            )
+            time.sleep(0.2)
+        assert latest.exists() and run_id_file.exists(), log.read_text()[-3000:]
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
+        with contextlib.suppress(ProcessLookupError):  # the driver and the local Ray it started
+            os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
-    assert before["env_steps"] < 2400
+    killed_ms = time.time() * 1000
+    before = ckpt.load(latest)
+    run_id = run_id_file.read_text().strip()
+    assert before["learner"]["counters"]["env_steps"] < 2400
     res = subprocess.run(
         [*args[:-2], "--resume", str(run_dir)],
         cwd=tmp_path,
@@ -206,10 +281,32 @@ def test_sigkilled_driver_resumes_from_its_checkpoint(tmp_path):
     )
     assert res.returncode == 0, res.stderr[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
-    after = ckpt.load(run_dir / "checkpoints" / "final.pt")["learner"]["counters"]
+    final = ckpt.load(run_dir / "checkpoints" / "final.pt")["learner"]
+    after = final["counters"]
     assert summary["env_steps"] >= 2400 and after["env_steps"] == summary["env_steps"]
-    assert after["episodes"] >= before["episodes"]
     assert after["episodes"] + after["failed_episodes"] == after["next_train_id"]
+    # The buffer goes on from the checkpoint's: its first entries are the checkpoint's,
+    # returns drawn from OS entropy that no fresh run would draw again.
+    old = before["learner"]["buffer"]
+    n = len(old["returns"])
+    assert 0 < n < len(final["buffer"]["returns"]), (n, len(final["buffer"]["returns"]))
+    assert torch.equal(final["buffer"]["returns"][:n], old["returns"])
+    assert torch.equal(final["buffer"]["params"][:n], old["params"])
+    # The evaluations from before the kill are kept, as they were.
+    evals_before = [[int(s), m] for s, m, _ in before["progress"]["eval_history"]]
+    assert evals_before and summary["eval_history"][: len(evals_before)] == evals_before
+    # The resumed run continued the MLflow run: one run, the same id, finished, and what the
+    # second session logged starts where the checkpoint left off, not at step 0.
+    assert run_id_file.read_text().strip() == run_id
+    client = MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("gogepo").experiment_id])
+    assert [r.info.run_id for r in runs] == [run_id]
+    assert runs[0].info.status == "FINISHED"
+    history = client.get_metric_history(run_id, "train/episodes")
+    resumed_steps = sorted(m.step for m in history if m.timestamp > killed_ms)
+    assert resumed_steps, [(m.step, m.timestamp) for m in history]
+    assert resumed_steps[0] >= before["progress"]["env_steps"], resumed_steps
+    assert resumed_steps[-1] == summary["env_steps"]
 
 
 def test_misbehaving_env_episodes_are_dropped_counted_and_logged(ray_session, tmp_path):

@@ -27,6 +27,9 @@ pytestmark = pytest.mark.e2e
 
 
 def test_training_survives_mlflow_server_outage(ray_session, tmp_path, capfd):
+    import json
+    import math
+
     from mlflow.tracking import MlflowClient
 
     (port,) = free_ports(1)
@@ -52,13 +55,15 @@ def test_training_survives_mlflow_server_outage(ray_session, tmp_path, capfd):
         tracking_uri=uri, experiment="outage", every_seconds=0.0, retry_seconds=1.0
     )
     trainer = Trainer(cfg, callbacks=[JsonlMetrics(every_seconds=0.0), tracker])
+    jsonl = trainer.run_dir / "metrics.jsonl"  # both sinks see every event (every_seconds=0)
     try:
         trainer.run_until(400)
         kill_now(server)  # the server goes away mid-run
+        outage_begins = len(jsonl.read_text().splitlines())
         t0 = time.monotonic()
         trainer.run_until(1000)
-        outage_steps = trainer.progress.env_steps
         assert time.monotonic() - t0 < 120  # training did not wait on MLflow
+        outage_ends = len(jsonl.read_text().splitlines())
         server = start_mlflow_server(tmp_path, port)  # ... and comes back
         trainer.run_until(cfg.run.total_env_steps)
         summary = trainer.finish()
@@ -74,8 +79,27 @@ def test_training_survives_mlflow_server_outage(ray_session, tmp_path, capfd):
         run = client.get_run(tracker.run_id)
         assert run.info.status == "FINISHED"
         steps = {m.step for m in client.get_metric_history(tracker.run_id, "train/best_return")}
-        # metrics from the outage window reached the server once it was back
-        assert any(400 < s <= outage_steps for s in steps), sorted(steps)
         assert max(steps) == summary["env_steps"]
+        # Every metric that metrics.jsonl recorded while the server was down reached the
+        # server once it was back, at its step and with its value (except the ones read off
+        # the wall clock, which each sink reads for itself).
+        rows = [json.loads(line) for line in jsonl.read_text().splitlines()]
+        during = rows[outage_begins:outage_ends]
+        assert any("train/best_return" in r for r in during), during
+        assert any("eval/return_mean" in r for r in during), during
+        clock = {"timers/wall_seconds", "train/env_steps_per_second", "learner/busy"}
+
+        def same(v: float) -> float | str:
+            return "nan" if math.isnan(v) else v
+
+        for key in sorted({k for r in during for k in r} - {"train/env_steps"}):
+            history = client.get_metric_history(tracker.run_id, key)
+            on_server = {(m.step, same(m.value)) for m in history}
+            for r in (r for r in during if key in r):
+                step = int(r["train/env_steps"])
+                if key in clock:
+                    assert step in {s for s, _ in on_server}, (key, step)
+                else:
+                    assert (step, same(float(r[key]))) in on_server, (key, step, r[key])
     finally:
         stop_server(server)

@@ -60,7 +60,45 @@ def training_return(true_return: float, length: int, survival_offset: float) -> 
     return true_return + survival_offset * length
 
 
-class Learner:
+class StreamingLearner:
+    """The streaming step both learners share (GoGePo's ``Learner`` and ``core.ars``'s
+    ``ArsLearner``): take in results, learn from them, write the next policies."""
+
+    learner_seconds: float
+
+    def take_in(self, batch: EpisodeBatch) -> int:
+        raise NotImplementedError
+
+    def learn(self) -> None:
+        """Whatever the episodes taken in so far call for (GoGePo: the rounds owed)."""
+        raise NotImplementedError
+
+    def propose(self, n: int) -> ParamBatch:
+        raise NotImplementedError
+
+    def stats(self, update_seconds: float = 0.0) -> LearnerStats:
+        raise NotImplementedError
+
+    def step(self, batches: list[EpisodeBatch], proposals: list[int]) -> list:
+        """The streaming update: take in every training episode that arrived since the last
+        step (``batches``, in arrival order), learn, then write one batch of ``n``
+        exploration policies from what was learned for every ``n`` in ``proposals``.
+        Returns those ParamBatches, then the LearnerStats."""
+        start = time.perf_counter()
+        for batch in batches:
+            self.take_in(batch)
+        self.learn()
+        out: list = [self.propose(n) for n in proposals]
+        took = time.perf_counter() - start
+        self.learner_seconds += took
+        return [*out, self.stats(took)]
+
+    def ingest(self, batch: EpisodeBatch) -> LearnerStats:
+        """Take in one worker's finished training episodes and learn from them."""
+        return self.step([batch], [])[-1]
+
+
+class Learner(StreamingLearner):
     """All learning state of a run. The Ray learner actor wraps one of these."""
 
     def __init__(self, cfg: Config, spec: PolicySpec) -> None:
@@ -107,10 +145,12 @@ class Learner:
         self.updates_per_episode = Fraction(str(cfg.learner.updates_per_episode))
         self.rounds_owed = Fraction(0)  # carried over between updates, always < 1 after one
         self.rounds = 0
-        self._last = {
-            "critic_loss": float("nan"),
-            "generator_loss": float("nan"),
-            "fresh": float("nan"),
+        # None: not measured yet (no round, no second intake). A measured NaN stays NaN, so
+        # that a diverging run shows in the logged metrics.
+        self._last: dict[str, float | None] = {
+            "critic_loss": None,
+            "generator_loss": None,
+            "fresh": None,
             "return": float("nan"),
         }
 
@@ -170,9 +210,11 @@ class Learner:
         self.generator_opt.step()
         return loss.item()
 
-    def update(self, rounds: int) -> tuple[float, float]:
-        """``rounds`` rounds of the configured critic steps, then generator steps."""
-        closs, gloss = float("nan"), float("nan")
+    def update(self, rounds: int) -> tuple[float | None, float | None]:
+        """``rounds`` rounds of the configured critic steps, then generator steps. Returns
+        the last losses (None for a kind of step that is configured to 0 steps)."""
+        closs: float | None = None
+        gloss: float | None = None
         self.rounds += rounds
         for _ in range(rounds):
             for _ in range(self.cfg.critic.steps_per_episode):
@@ -219,6 +261,9 @@ class Learner:
         self.rounds_owed += self.updates_per_episode * len(ok)
         return len(ok)
 
+    def learn(self) -> None:
+        self.update_owed()
+
     def update_owed(self) -> None:
         """Run the whole rounds owed; a fraction of a round carries over."""
         rounds = math.floor(self.rounds_owed)
@@ -227,38 +272,23 @@ class Learner:
             closs, gloss = self.update(rounds)
             self._last["critic_loss"], self._last["generator_loss"] = closs, gloss
 
-    def ingest(self, batch: EpisodeBatch) -> LearnerStats:
-        """Take in one worker's finished training episodes and run the rounds they owe."""
-        return self.step([batch], [])[-1]
-
-    def step(self, batches: list[EpisodeBatch], proposals: list[int]) -> list:
-        """The streaming update: take in every training episode that arrived since the last
-        step (``batches``, in arrival order), run the rounds they owe, then write one batch of
-        ``n`` exploration policies from the updated generator for every ``n`` in
-        ``proposals``. Returns those ParamBatches, then the LearnerStats."""
-        start = time.perf_counter()
-        for batch in batches:
-            self.take_in(batch)
-        self.update_owed()
-        out: list = [self.propose(n) for n in proposals]
-        took = time.perf_counter() - start
-        self.learner_seconds += took
-        return [*out, self.stats(took)]
-
     def stats(self, update_seconds: float = 0.0) -> LearnerStats:
+        metrics = {
+            "losses/critic": self._last["critic_loss"],
+            "losses/generator": self._last["generator_loss"],
+            "losses/critic_fresh_error": self._last["fresh"],
+        }
         return LearnerStats(
             env_steps=self.env_steps,
             episodes=self.episodes,
             failed_episodes=self.failed_episodes,
             best_return=float("nan") if self.best_return is None else self.best_return,
             last_return=self._last["return"],
-            buffer_size=len(self.buffer),
-            critic_loss=self._last["critic_loss"],
-            generator_loss=self._last["generator_loss"],
-            critic_fresh_error=self._last["fresh"],
             learner_seconds=self.learner_seconds,
             update_seconds=update_seconds,
             rounds=self.rounds,
+            metrics={"buffer/size": len(self.buffer)}
+            | {k: v for k, v in metrics.items() if v is not None},
         )
 
     # ------------------------------------------------------------------ checkpointing

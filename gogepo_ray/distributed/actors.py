@@ -10,7 +10,7 @@ import ray
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from gogepo_ray.config import Config, ConfigError
-from gogepo_ray.core.learner import Learner
+from gogepo_ray.core import make_learner
 from gogepo_ray.core.policy import PolicySpec
 from gogepo_ray.rollout import Rollouts
 from gogepo_ray.types import EpisodeBatch, LearnerStats, ParamBatch
@@ -35,7 +35,7 @@ def process_memory() -> dict[str, int]:
 
 class LearnerActor:
     def __init__(self, cfg: Config, spec: PolicySpec, state: dict | None = None) -> None:
-        self.learner = Learner(cfg, spec)
+        self.learner = make_learner(cfg, spec)
         if state is not None:
             self.learner.load_state_dict(state)
 
