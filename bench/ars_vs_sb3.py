@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -166,7 +165,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", choices=["ours", "sb3"], default=None)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
     rows = []
     runners = {"gogepo-ray ARS": run_ours, "sb3-contrib ARS": run_sb3}

@@ -471,10 +471,13 @@ def _batch_from_state(d: dict, master_count: int) -> ParamBatch:
             "obs_mean": d["obs_mean"].double(),
             "obs_m2": std**2 * count,
         }
-    fields = {k: d[k].numpy() for k in ParamBatch._fields if k != "kind" and k in d}
-    ints = {k: int(fields[k]) for k in ("obs_count", "trained_env_steps") if k in fields}
-    flags = {k: bool(fields[k]) for k in ("follow_stats",) if k in fields}
-    return ParamBatch(kind=d["kind"], **fields | ints | flags)
+    # arrays stay arrays; the scalar fields (counts, flags) come back as Python values
+    fields = {
+        k: d[k].item() if d[k].dim() == 0 else d[k].numpy()
+        for k in ParamBatch._fields
+        if k != "kind" and k in d
+    }
+    return ParamBatch(kind=d["kind"], **fields)
 
 
 def load_resume(run_dir: str | Path) -> dict:

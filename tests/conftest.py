@@ -87,3 +87,30 @@ def run_gogepo(
         text=True,
         timeout=timeout,
     )
+
+
+def make_batch(pb, returns, lengths=None, failures=None, obs=None):
+    """The EpisodeBatch a worker would send back for ParamBatch ``pb``, with chosen returns,
+    lengths (default 10 each), failures and observations (their statistics delta)."""
+    import numpy as np
+
+    from gogepo_ray.core.normalizer import ObsStats
+    from gogepo_ray.types import EpisodeBatch
+
+    n = len(pb.episode_ids)
+    delta = ObsStats(len(pb.obs_mean))
+    if obs is not None and len(obs):
+        delta.update(np.asarray(obs, dtype=np.float64))
+    return EpisodeBatch(
+        kind=pb.kind,
+        episode_ids=pb.episode_ids,
+        commands=pb.commands,
+        policy_params=pb.policy_params,
+        returns=np.asarray(returns, dtype=np.float64),
+        lengths=np.asarray(lengths if lengths is not None else [10] * n, dtype=np.int64),
+        failures=tuple(failures) if failures is not None else (None,) * n,
+        obs_count=delta.count,
+        obs_mean=delta.mean,
+        obs_m2=delta.m2,
+        rollout_seconds=0.1,
+    )

@@ -28,7 +28,8 @@ from gogepo_ray.core.learner import (
 )
 from gogepo_ray.core.normalizer import ObsStats
 from gogepo_ray.core.policy import PolicySpec, policy_actions, policy_preactivation, to_sequential
-from gogepo_ray.types import EpisodeBatch, episode_seed
+from gogepo_ray.types import episode_seed
+from tests.conftest import make_batch
 
 torch.set_num_threads(1)
 
@@ -582,27 +583,6 @@ def spec(cfg):
     from gogepo_ray.envs import policy_spec
 
     return policy_spec(cfg.env.id, cfg.policy.hidden)
-
-
-def make_batch(pb, returns, lengths, failures=None, obs=None) -> EpisodeBatch:
-    n = len(pb.episode_ids)
-    obs_dim = pb.obs_mean.shape[0]
-    obs = np.zeros((0, obs_dim)) if obs is None else obs
-    mean = obs.mean(0) if len(obs) else np.zeros(obs_dim)
-    m2 = ((obs - mean) ** 2).sum(0) if len(obs) else np.zeros(obs_dim)
-    return EpisodeBatch(
-        kind="train",
-        episode_ids=pb.episode_ids,
-        commands=pb.commands,
-        policy_params=pb.policy_params,
-        returns=np.asarray(returns, dtype=np.float64),
-        lengths=np.asarray(lengths, dtype=np.int64),
-        failures=tuple(failures) if failures is not None else (None,) * n,
-        obs_count=len(obs),
-        obs_mean=mean,
-        obs_m2=m2,
-        rollout_seconds=0.1,
-    )
 
 
 def test_loss_helpers_by_hand():

@@ -34,7 +34,7 @@ import torch
 from gogepo_ray.core.learner import StreamingLearner, training_return
 from gogepo_ray.core.normalizer import ObsStats
 from gogepo_ray.core.policy import PolicySpec
-from gogepo_ray.types import EpisodeBatch, Kind, LearnerStats, ParamBatch, episode_seed
+from gogepo_ray.types import EpisodeBatch, Kind, LearnerStats, ParamBatch
 
 if TYPE_CHECKING:
     from gogepo_ray.config import Config
@@ -118,21 +118,8 @@ class ArsLearner(StreamingLearner):
 
     # ------------------------------------------------------------------ proposing policies
     def _batch(self, kind: Kind, ids: np.ndarray, params: np.ndarray) -> ParamBatch:
-        stats = self.obs_stats if self.cfg.policy.obs_norm else ObsStats(self.spec.obs_dim)
-        return ParamBatch(
-            kind=kind,
-            episode_ids=ids,
-            seeds=np.array(
-                [episode_seed(self.cfg.run.seed, kind, int(i)) for i in ids], dtype=np.int64
-            ),
-            commands=np.full(len(ids), np.nan),
-            policy_params=params.astype(np.float32).reshape(len(ids), self.spec.num_params),
-            obs_count=stats.count,
-            obs_mean=stats.mean,
-            obs_m2=stats.m2,
-            trained_env_steps=self.env_steps,
-            follow_stats=False,
-        )
+        # no commands (NaN); statistics fixed through the episode (see the module docstring)
+        return self.param_batch(kind, ids, np.full(len(ids), np.nan), params, follow_stats=False)
 
     def propose(self, n: int) -> ParamBatch:
         """The next ``n`` (or fewer: what is left) perturbed policies of this iteration. Once

@@ -64,7 +64,40 @@ class StreamingLearner:
     """The streaming step both learners share (GoGePo's ``Learner`` and ``core.ars``'s
     ``ArsLearner``): take in results, learn from them, write the next policies."""
 
+    cfg: Config
+    spec: PolicySpec
+    obs_stats: ObsStats
+    env_steps: int
     learner_seconds: float
+
+    def param_batch(
+        self,
+        kind: Kind,
+        ids: np.ndarray,
+        commands: np.ndarray,
+        policy_params: np.ndarray,
+        follow_stats: bool = True,
+    ) -> ParamBatch:
+        """Policies for a worker: per-episode reset seeds from the run seed, the master
+        observation statistics (none with ``policy.obs_norm`` off) and the training steps
+        learned from so far."""
+        stats = self.obs_stats if self.cfg.policy.obs_norm else ObsStats(self.spec.obs_dim)
+        return ParamBatch(
+            kind=kind,
+            episode_ids=ids,
+            seeds=np.array(
+                [episode_seed(self.cfg.run.seed, kind, int(i)) for i in ids], dtype=np.int64
+            ),
+            commands=np.asarray(commands, dtype=np.float64),
+            policy_params=np.asarray(policy_params, np.float32).reshape(
+                len(ids), self.spec.num_params
+            ),
+            obs_count=stats.count,
+            obs_mean=stats.mean,
+            obs_m2=stats.m2,
+            trained_env_steps=self.env_steps,
+            follow_stats=follow_stats,
+        )
 
     def take_in(self, batch: EpisodeBatch) -> int:
         raise NotImplementedError
@@ -164,20 +197,7 @@ class Learner(StreamingLearner):
         n = len(commands)
         ids = np.arange(self.next_id[kind], self.next_id[kind] + n, dtype=np.int64)
         self.next_id[kind] += n
-        stats = self.obs_stats if self.cfg.policy.obs_norm else ObsStats(self.spec.obs_dim)
-        return ParamBatch(
-            kind=kind,
-            episode_ids=ids,
-            seeds=np.array(
-                [episode_seed(self.cfg.run.seed, kind, int(i)) for i in ids], dtype=np.int64
-            ),
-            commands=np.asarray(commands, dtype=np.float64),
-            policy_params=params.numpy().astype(np.float32),
-            obs_count=stats.count,
-            obs_mean=stats.mean,
-            obs_m2=stats.m2,
-            trained_env_steps=self.env_steps,
-        )
+        return self.param_batch(kind, ids, commands, params.numpy())
 
     def propose(self, n: int) -> ParamBatch:
         """n exploration policies from the newest generator: G(best + drive) + σ·ε."""
