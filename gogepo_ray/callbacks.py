@@ -177,6 +177,7 @@ class JsonlMetrics:
                 "train/env_steps": env_steps,
                 "eval/return_mean": mean,
                 "eval/return_std": std,
+                **trainer.last_eval_contexts,  # task families: per held-out context
                 "timers/wall_seconds": trainer.wall_seconds,
             }
         )
@@ -441,7 +442,10 @@ class MLflowTracker:
 
     def on_eval(self, trainer: Trainer, env_steps: int, mean: float, std: float) -> None:
         # NaN when every evaluation episode failed: recorded, so that it shows
-        self.log({"eval/return_mean": mean, "eval/return_std": std}, env_steps)
+        self.log(
+            {"eval/return_mean": mean, "eval/return_std": std, **trainer.last_eval_contexts},
+            env_steps,
+        )
 
     def on_checkpoint(self, trainer: Trainer, path: Path) -> None:
         pass
@@ -466,6 +470,8 @@ class MLflowTracker:
             (curve, None),
             (trainer.run_dir / "sweep.csv", None),
             (trainer.run_dir / "sweep.png", None),
+            (trainer.run_dir / "sweep-heldout.csv", None),  # task families
+            (trainer.run_dir / "sweep-heldout.md", None),
             (trainer.run_dir / "metrics.jsonl", None),
             (trainer.run_dir / "checkpoints" / "final.pt", "checkpoints"),
         ]:

@@ -52,7 +52,18 @@ def _add_checkpoint_cmds(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="evaluate G(command) from a checkpoint")
     p.add_argument("checkpoint", help="checkpoint file or run directory")
     p.add_argument(
-        "--command", type=float, default=None, help="desired return (default: best training return)"
+        "--command",
+        type=float,
+        default=None,
+        help="desired return (default: best training return; for a task family the estimated best of the context)",
+    )
+    p.add_argument(
+        "--context",
+        type=float,
+        nargs="+",
+        default=None,
+        metavar="X",
+        help="task-family runs: the task, one number per context dimension (default: every held-out context)",
     )
     p.add_argument("--episodes", type=int, default=10)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -76,6 +87,14 @@ def _add_checkpoint_cmds(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="desired return (GoGePo runs; ARS runs take none)",
     )
+    p.add_argument(
+        "--context",
+        type=float,
+        nargs="+",
+        default=None,
+        metavar="X",
+        help="task-family runs: the task the policy is written for (required there)",
+    )
     p.add_argument("--out", required=True, help="output file, e.g. policy.pt")
 
 
@@ -93,6 +112,14 @@ def _add_views(sub: argparse._SubParsersAction) -> None:
         type=float,
         default=None,
         help="desired return (default: best training return; ARS policies take none)",
+    )
+    p.add_argument(
+        "--context",
+        type=float,
+        nargs="+",
+        default=None,
+        metavar="X",
+        help="task-family runs: the task (default: the first held-out context)",
     )
     p.add_argument("--episodes", type=int, default=1, help="episodes, one after the other")
     p.add_argument("--max-steps", type=int, default=None, help="at most this many steps an episode")
@@ -320,6 +347,34 @@ def _record_failures(checkpoint: str, batch, source: str) -> int:
     return len(rows)
 
 
+def _context(cfg, values: list[float] | None):
+    """The ``--context`` of a command as a (1, k) array, checked against the run's task
+    family; None when not given."""
+    import numpy as np
+
+    if values is None:
+        return None
+    if cfg.context is None:
+        raise ConfigError(
+            f"--context: this run's env {cfg.env.id} was not trained as a task family (no context section)"
+        )
+    from gogepo_ray.envs import family_of
+    from gogepo_ray.families import check_context
+
+    space, names = family_of(cfg.env.id, cfg.env.kwargs)
+    try:
+        return np.asarray(check_context(space, names, values), np.float64).reshape(1, -1)
+    except ValueError as exc:
+        raise ConfigError(f"--context: {exc}") from None
+
+
+def _check_command(command: float | None) -> None:
+    import math
+
+    if command is not None and not math.isfinite(command):
+        raise ConfigError(f"--command must be a finite number, got {command}")
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from gogepo_ray.callbacks import json_metric
     from gogepo_ray.evaluation import finished_returns, mean_std
@@ -331,6 +386,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     cfg, spec, learner = _local_learner(args.checkpoint)
     if not takes_commands(cfg) and args.command is not None:
         raise ConfigError(f"--command: this is an {cfg.algorithm} run; its policy takes no command")
+    _check_command(args.command)
+    context = _context(cfg, args.context)
+    if cfg.context is not None:
+        return _eval_family(args, cfg, spec, learner, context)
     command = learner.eval_command() if args.command is None else args.command
     result = _rollouts(cfg, spec).run(learner.propose_eval([command], args.episodes))
     failed = _record_failures(args.checkpoint, result, "gogepo eval")
@@ -360,6 +419,45 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 1 if failed == args.episodes else 0
 
 
+def _eval_family(args, cfg, spec, learner, context) -> int:
+    """``gogepo eval`` on a task-family run: the given context, or every held-out one, each
+    at ``--command`` or at its estimated best return."""
+    from gogepo_ray.callbacks import json_metric
+    from gogepo_ray.evaluation import context_label, per_context
+
+    contexts = learner.contexts.heldout if context is None else context
+    commands = None if args.command is None else [args.command] * len(contexts)
+    result = _rollouts(cfg, spec).run(learner.propose_eval(commands, args.episodes, contexts))
+    failed = _record_failures(args.checkpoint, result, "gogepo eval")
+    groups = per_context(result)
+    cmds = result.commands.reshape(len(contexts), args.episodes)[:, 0]
+    rows = [
+        {
+            "context": [float(v) for v in x],
+            "command": float(c),
+            "episodes": args.episodes - f,
+            "failed_episodes": f,
+            "return_mean": m,
+            "return_std": s,
+        }
+        for x, c, (m, s, f) in zip(contexts, cmds, groups.values())
+    ]
+    if args.json:
+        rows = [
+            {k: json_metric(v) if isinstance(v, float) else v for k, v in r.items()} for r in rows
+        ]
+        out = {"env_id": cfg.env.id, "algorithm": cfg.algorithm, "contexts": rows}
+        print(json.dumps(out | (rows[0] if len(rows) == 1 else {})))
+    else:
+        for r, x in zip(rows, contexts):
+            left_out = f" ({r['failed_episodes']} failed, left out)" if r["failed_episodes"] else ""
+            print(
+                f"{cfg.env.id}  context {context_label(x)}  command {r['command']:.1f}  ->  return "
+                f"{r['return_mean']:.1f} ± {r['return_std']:.1f}  over {r['episodes']} episodes{left_out}"
+            )
+    return 1 if failed == len(result.failures) else 0
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
     from gogepo_ray.evaluation import SweepResult, sweep_commands
 
@@ -380,6 +478,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             update={"run": cfg.run.model_copy(update={"sweep_commands": args.commands})}
         )
     commands = sweep_commands(cfg)
+    if cfg.context is not None:
+        return _sweep_family(args, cfg, spec, learner, commands)
     result = _rollouts(cfg, spec).run(learner.propose_eval(commands, args.episodes))
     _record_failures(args.checkpoint, result, "gogepo sweep")
     sweep = SweepResult.from_batch(result, len(commands), args.episodes)
@@ -398,6 +498,42 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 1 if sweep.failed_episodes == len(result.failures) else 0
 
 
+def _sweep_family(args, cfg, spec, learner, commands) -> int:
+    """``gogepo sweep`` on a task-family run: held-out contexts × commands (a heatmap) and
+    the held-out table."""
+    from gogepo_ray.envs import family_of
+    from gogepo_ray.evaluation import ContextSweep
+
+    rollouts = _rollouts(cfg, spec)
+    batches = []
+
+    def run(batch):
+        batches.append(rollouts.run(batch))
+        return batches[-1]
+
+    sweep = ContextSweep.run(
+        learner.propose_eval,
+        run,
+        family_of(cfg.env.id, cfg.env.kwargs)[1],
+        learner.contexts.heldout,
+        commands,
+        args.episodes,
+    )
+    for batch in batches:
+        _record_failures(args.checkpoint, batch, "gogepo sweep")
+    stem = Path(args.out) if args.out else _checkpoint_run_dir(args.checkpoint) / "sweep"
+    paths = sweep.write(stem, cfg.env.id)
+    print(sweep.table_markdown())
+    if sweep.failed_episodes:
+        print(
+            f"{sweep.failed_episodes} episodes failed and are left out of the means "
+            "(nan: every episode of that cell failed)"
+        )
+    print(f"wrote {', '.join(str(p) for p in paths)}")
+    total = sum(len(b.failures) for b in batches)
+    return 1 if sweep.failed_episodes == total else 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from gogepo_ray.core import takes_commands
     from gogepo_ray.export import export_policy
@@ -407,8 +543,17 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise ConfigError("--command is required: the desired return of the policy to export")
     if not takes_commands(cfg) and args.command is not None:
         raise ConfigError(f"--command: this is an {cfg.algorithm} run; its policy takes no command")
-    path = export_policy(learner, args.command, args.out)
+    _check_command(args.command)
+    context = _context(cfg, args.context)
+    if cfg.context is not None and context is None:
+        raise ConfigError(
+            "--context is required for a task-family run: the task the policy is written for "
+            f"({cfg.env.id}; held-out examples in its config)"
+        )
+    path = export_policy(learner, args.command, args.out, None if context is None else context[0])
     what = f"G({args.command:g})" if takes_commands(cfg) else f"the {cfg.algorithm} policy"
+    if context is not None:
+        what = f"G({args.command:g}, context {' '.join(f'{v:g}' for v in context[0])})"
     print(
         f"wrote {path}: {what} as a plain torch nn.Sequential "
         "(load with gogepo_ray.export.load_policy, or the loader in README 'Export a policy')"
@@ -432,6 +577,10 @@ def cmd_render(args: argparse.Namespace) -> int:
         raise ConfigError(f"--out must be an .mp4 file, got {args.out!r}")
     prepare_gl()  # a machine that cannot render says so before anything is loaded
     cfg, spec, learner = _local_learner(args.checkpoint)
+    _check_command(args.command)
+    context = _context(cfg, args.context)
+    if cfg.context is not None and context is None:
+        context = learner.contexts.heldout[:1]
     ckpt_path = ckpt.resolve(args.checkpoint)
     run_dir = (
         ckpt_path.parent.parent if ckpt_path.parent.name == "checkpoints" else ckpt_path.parent
@@ -440,7 +589,11 @@ def cmd_render(args: argparse.Namespace) -> int:
     result = render_policy(
         cfg,
         spec,
-        lambda: learner.propose_eval(commands, 1),
+        lambda: (
+            learner.propose_eval(commands, 1)
+            if context is None
+            else learner.propose_eval(commands, 1, context)
+        ),
         Path(args.out) if args.out else run_dir / "policy.mp4",
         episodes=args.episodes,
         max_steps=args.max_steps,

@@ -151,6 +151,87 @@ class ArsConfig(_Section):
         return self
 
 
+def _as_points(value: Any) -> Any:
+    """A list of numbers is a list of 1-D contexts: [0.5, 1.5] -> [[0.5], [1.5]]."""
+    if isinstance(value, list) and value and all(isinstance(v, (int, float)) for v in value):
+        return [[v] for v in value]
+    return value
+
+
+def _as_vector(value: Any) -> Any:
+    return [value] if isinstance(value, (int, float)) else value
+
+
+class ContextTrainConfig(_Section):
+    """The training distribution of task contexts: a uniform box, or a list of points."""
+
+    low: list[float] | None = None
+    """Lower corner of the uniform box (one number per context dimension; a number for 1-D)."""
+    high: list[float] | None = None
+    """Upper corner of the uniform box."""
+    points: list[list[float]] | None = None
+    """Or: the training contexts as a list, drawn uniformly ([[x, y], ...]; [v1, v2, ...] for 1-D)."""
+
+    _vector = field_validator("low", "high", mode="before")(_as_vector)
+    _points = field_validator("points", mode="before")(_as_points)
+
+    @model_validator(mode="after")
+    def _check(self) -> ContextTrainConfig:
+        box = self.low is not None or self.high is not None
+        if box == (self.points is not None):
+            raise ValueError("give either low and high (a uniform box) or points (a list)")
+        if box:
+            if self.low is None or self.high is None:
+                raise ValueError("a box needs both low and high")
+            if len(self.low) != len(self.high):
+                raise ValueError(f"low has {len(self.low)} values, high {len(self.high)}")
+            if any(lo > hi for lo, hi in zip(self.low, self.high)):
+                raise ValueError("low must not exceed high in any dimension")
+        elif not self.points or len({len(p) for p in self.points}) != 1:
+            raise ValueError("points must be a non-empty list of contexts of one length")
+        return self
+
+    @property
+    def dim(self) -> int:
+        return len(self.low) if self.points is None else len(self.points[0])
+
+
+class ContextConfig(_Section):
+    """Task families (README "Task families"): the generator is asked for [return, context]
+    and learns every task of the env's family at once. ``env.id`` must be a family, e.g.
+    ``PointGoal-v0``."""
+
+    train: ContextTrainConfig
+    """Training distribution of contexts: ``{low: [..], high: [..]}`` or ``{points: [[..], ..]}``."""
+    heldout: list[list[float]]
+    """Held-out contexts, never trained on: evaluated with G(best(x), x) (``eval/heldout_return_mean``). A list of numbers for 1-D."""
+    neighbours: int = Field(default=10, ge=1)
+    """The best return of a context is the highest among this many buffer entries with the nearest contexts."""
+    blind: bool = False
+    """Withhold the context from G and V (episodes still run on sampled tasks): the context-blind baseline, one policy for every task."""
+
+    _points = field_validator("heldout", mode="before")(_as_points)
+
+    @model_validator(mode="after")
+    def _check(self) -> ContextConfig:
+        if not self.heldout:
+            raise ValueError("heldout must list at least one context")
+        dims = {len(p) for p in self.heldout}
+        if dims != {self.train.dim}:
+            raise ValueError(
+                f"heldout contexts have {sorted(dims)} values, the training ones {self.train.dim}"
+            )
+        if self.train.points is not None:
+            shared = [p for p in self.heldout if p in self.train.points]
+            if shared:
+                raise ValueError(f"held-out contexts must not be training points: {shared}")
+        return self
+
+    @property
+    def dim(self) -> int:
+        return self.train.dim
+
+
 class LearnerConfig(_Section):
     device: str = "cpu"
     """Torch device of the learner: ``cpu`` or ``cuda`` (the learner actor then asks Ray for a GPU)."""
@@ -230,8 +311,45 @@ class Config(_Section):
     exploration: ExplorationConfig = Field(default_factory=ExplorationConfig)
     learner: LearnerConfig = Field(default_factory=LearnerConfig)
     ars: ArsConfig = Field(default_factory=ArsConfig)
+    context: ContextConfig | None = None
+    """Task contexts for an env that is a task family; none (the default) trains on the env's one task."""
     run: RunConfig = Field(default_factory=RunConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @model_validator(mode="after")
+    def _check_context(self) -> Config:
+        if self.context is None:
+            return self
+        from gogepo_ray.envs import family_of
+        from gogepo_ray.families import check_context
+
+        if self.algorithm != "gogepo":
+            raise ValueError(
+                f"context: task contexts are for algorithm gogepo, not {self.algorithm}"
+            )
+        family = family_of(self.env.id, self.env.kwargs)
+        if family is None:
+            raise ValueError(
+                f"context: env.id {self.env.id!r} is not a task family (e.g. PointGoal-v0, "
+                "HalfCheetahVel-v0, AntDir-v0); remove the context section to train on it"
+            )
+        space, names = family
+        c = self.context
+        if c.dim != space.shape[0]:
+            raise ValueError(
+                f"context: {self.env.id} contexts have {space.shape[0]} values "
+                f"({', '.join(names)}), the config's {c.dim}"
+            )
+        where = [("train.low", c.train.low), ("train.high", c.train.high)]
+        where += [(f"train.points[{i}]", p) for i, p in enumerate(c.train.points or [])]
+        where += [(f"heldout[{i}]", p) for i, p in enumerate(c.heldout)]
+        for name, value in where:
+            if value is not None:
+                try:
+                    check_context(space, names, value)
+                except ValueError as exc:
+                    raise ValueError(f"context.{name}: {exc}") from None
+        return self
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
@@ -336,6 +454,17 @@ def reference_markdown() -> str:
     lines = ["| key | default | meaning |", "| --- | --- | --- |"]
     for section_name, section_field in Config.model_fields.items():
         model = section_field.annotation
+        if section_name == "context":  # optional section: its keys, then its sub-section's
+            for name, field in ContextConfig.model_fields.items():
+                if name == "train":
+                    for sub, f in ContextTrainConfig.model_fields.items():
+                        desc = " ".join((f.description or "").split())
+                        lines.append(f"| `context.train.{sub}` | `null` | {desc} |")
+                    continue
+                default = "required" if field.is_required() else json.dumps(field.default)
+                desc = " ".join((field.description or "").split())
+                lines.append(f"| `context.{name}` | `{default}` | {desc} |")
+            continue
         if not (isinstance(model, type) and issubclass(model, BaseModel)):  # a top-level key
             desc = " ".join((section_field.description or "").split())
             lines.append(f"| `{section_name}` | `{section_field.default}` | {desc} |")

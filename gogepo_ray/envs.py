@@ -9,6 +9,7 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
+import gogepo_ray.families  # noqa: F401 - registers the task-family env ids
 from gogepo_ray.core.policy import PolicySpec
 
 
@@ -94,6 +95,28 @@ def check_env_id(env_id: str, kwargs: dict[str, Any] | None = None) -> tuple:
     except TypeError:  # unhashable kwargs (nested lists/dicts): check without the cache
         return _dims_of.__wrapped__(env_id, tuple(sorted((kwargs or {}).items())))
     return _dims_of(env_id, key)
+
+
+@lru_cache(maxsize=64)
+def _family_of(env_id: str, kwargs_items: tuple) -> tuple | None:
+    from gogepo_ray.families import context_space_of
+
+    env = make_env(env_id, dict(kwargs_items))
+    try:
+        return context_space_of(env)
+    finally:
+        env.close()
+
+
+def family_of(env_id: str, kwargs: dict[str, Any] | None = None) -> tuple | None:
+    """(context_space, context_names) of a task-family env (``gogepo_ray.families``), None
+    for an env whose task is fixed. The env must pass ``check_env_id`` first."""
+    items = tuple(sorted((kwargs or {}).items()))
+    try:
+        hash(items)
+    except TypeError:
+        return _family_of.__wrapped__(env_id, items)
+    return _family_of(env_id, items)
 
 
 def policy_spec(

@@ -144,3 +144,153 @@ def plot_learning_curve(eval_history: list[list[float]], path: Path, title: str)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+# ---------------------------------------------------------------------- task families
+def context_label(context) -> str:
+    """A context as it appears in metric names and tables: values joined by ``_``, e.g.
+    ``0.5_-1.2`` (MLflow metric names allow digits, ``.``, ``-`` and ``_``)."""
+    return "_".join(f"{float(v):g}" for v in np.atleast_1d(context))
+
+
+def per_context(batch: EpisodeBatch) -> dict[str, tuple[float, float, int]]:
+    """{context label: (mean, std, failed episodes)} over a batch's finished episodes, in
+    the order the contexts first appear."""
+    out: dict[str, tuple[float, float, int]] = {}
+    labels = [context_label(x) for x in batch.contexts]
+    ok = np.array([f is None for f in batch.failures], dtype=bool)
+    for label in dict.fromkeys(labels):
+        rows = np.array([lab == label for lab in labels])
+        mean, std = mean_std(batch.returns[rows & ok])
+        out[label] = (mean, std, int((rows & ~ok).sum()))
+    return out
+
+
+def heldout_metrics(batch: EpisodeBatch) -> dict[str, float]:
+    """The metrics of an evaluation on held-out contexts: ``eval/heldout_return_mean`` (over
+    the finished episodes of every context, each context weighing the same) and
+    ``eval/heldout/<context>`` per context."""
+    groups = per_context(batch)
+    means = [m for m, _, _ in groups.values() if np.isfinite(m)]
+    out = {"eval/heldout_return_mean": float(np.mean(means)) if means else float("nan")}
+    return out | {f"eval/heldout/{label}": m for label, (m, _, _) in groups.items()}
+
+
+@dataclass
+class ContextSweep:
+    """Achieved return over held-out contexts × commands, and the held-out table: each
+    held-out context at its estimated best return, G(best(x), x)."""
+
+    names: tuple[str, ...]  # context dimensions
+    contexts: np.ndarray  # (H, k)
+    commands: np.ndarray  # (C,)
+    mean: np.ndarray  # (H, C), NaN where every episode failed
+    failed: np.ndarray  # (H, C) int
+    episodes: int
+    best_commands: np.ndarray  # (H,) the estimated best return of each context
+    best_mean: np.ndarray  # (H,) achieved at it
+    best_std: np.ndarray  # (H,)
+    best_failed: np.ndarray  # (H,) int
+
+    @classmethod
+    def run(cls, propose, run, names, contexts, commands, episodes: int) -> ContextSweep:
+        """``propose(commands, episodes, contexts)`` -> ParamBatch (the learner's
+        ``propose_eval``), ``run(ParamBatch)`` -> EpisodeBatch (workers or local rollouts)."""
+        contexts = np.asarray(contexts, np.float64)
+        commands = np.asarray(commands, np.float64)
+        h, c = len(contexts), len(commands)
+        grid = run(propose(np.tile(commands, h).tolist(), episodes, np.repeat(contexts, c, axis=0)))
+        best = run(propose(None, episodes, contexts))
+        ok = np.array([f is None for f in grid.failures], dtype=bool).reshape(h, c, episodes)
+        returns = grid.returns.reshape(h, c, episodes)
+        mean = np.array(
+            [[mean_std(r[o])[0] for r, o in zip(rr, oo)] for rr, oo in zip(returns, ok)]
+        )
+        b_ok = np.array([f is None for f in best.failures], dtype=bool).reshape(h, episodes)
+        b_ret = best.returns.reshape(h, episodes)
+        b_stats = [mean_std(r[o]) for r, o in zip(b_ret, b_ok)]
+        return cls(
+            tuple(names),
+            contexts,
+            commands,
+            mean,
+            (~ok).sum(2),
+            episodes,
+            best.commands.reshape(h, episodes)[:, 0],
+            np.array([m for m, _ in b_stats]),
+            np.array([s for _, s in b_stats]),
+            (~b_ok).sum(1),
+        )
+
+    @property
+    def failed_episodes(self) -> int:
+        return int(self.failed.sum() + self.best_failed.sum())
+
+    def table_markdown(self) -> str:
+        """The held-out table: context, the command G was given (its estimated best
+        return) and the return achieved."""
+        head = [*self.names, "command (best estimate)", "achieved return", "failed"]
+        lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+        for x, cmd, m, s, f in zip(
+            self.contexts, self.best_commands, self.best_mean, self.best_std, self.best_failed
+        ):
+            vals = [f"{v:g}" for v in x] + [f"{cmd:.1f}", f"{m:.1f} ± {s:.1f}", str(int(f))]
+            lines.append("| " + " | ".join(vals) + " |")
+        finite = self.best_mean[np.isfinite(self.best_mean)]
+        mean = float(finite.mean()) if len(finite) else float("nan")
+        lines.append(f"\nmean achieved return over held-out contexts: {mean:.1f}")
+        return "\n".join(lines)
+
+    def write(self, stem: Path, title: str) -> list[Path]:
+        """``stem``.csv (the grid), ``stem``.png (its heatmap) and ``stem``-heldout.csv/.md
+        (the held-out table)."""
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        grid_csv, png = stem.with_suffix(".csv"), stem.with_suffix(".png")
+        table_csv = stem.with_name(stem.name + "-heldout.csv")
+        table_md = stem.with_name(stem.name + "-heldout.md")
+        with open(grid_csv, "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow([*self.names, "command", "achieved_mean", "episodes", "failed"])
+            for x, row, frow in zip(self.contexts, self.mean, self.failed):
+                for cmd, m, f in zip(self.commands, row, frow):
+                    w.writerow(
+                        [*(f"{v:g}" for v in x), f"{cmd:.6g}", f"{m:.6g}", self.episodes - f, f]
+                    )
+        with open(table_csv, "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(
+                [*self.names, "command", "achieved_mean", "achieved_std", "episodes", "failed"]
+            )
+            for x, cmd, m, s, f in zip(
+                self.contexts, self.best_commands, self.best_mean, self.best_std, self.best_failed
+            ):
+                w.writerow(
+                    [
+                        *(f"{v:g}" for v in x),
+                        f"{cmd:.6g}",
+                        f"{m:.6g}",
+                        f"{s:.6g}",
+                        self.episodes - f,
+                        f,
+                    ]
+                )
+        table_md.write_text(f"# {title}: held-out contexts\n\n{self.table_markdown()}\n")
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        h, c = self.mean.shape
+        fig, ax = plt.subplots(figsize=(max(5.0, 0.45 * c + 2.5), max(3.0, 0.35 * h + 1.8)))
+        im = ax.imshow(self.mean, aspect="auto", cmap="viridis")
+        ax.set_xticks(range(c), [f"{v:.0f}" for v in self.commands], rotation=90, fontsize=7)
+        ax.set_yticks(range(h), [context_label(x) for x in self.contexts], fontsize=7)
+        ax.set_xlabel("commanded return")
+        ax.set_ylabel(f"held-out context ({', '.join(self.names)})")
+        failed = f", {self.failed_episodes} episodes failed" if self.failed_episodes else ""
+        ax.set_title(fit_title(f"{title}: achieved return{failed}", fig.get_figwidth() - 1.5))
+        fig.colorbar(im, ax=ax, label="achieved return")
+        fig.tight_layout()
+        fig.savefig(png, dpi=120)
+        plt.close(fig)
+        return [grid_csv, png, table_csv, table_md]

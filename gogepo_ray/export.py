@@ -36,11 +36,18 @@ from gogepo_ray.core.policy import to_sequential
 FORMAT = "gogepo-policy-v1"
 
 
-def build_policy(learner: Learner, command: float | None) -> tuple[nn.Sequential, dict]:
-    """G(command) with the normaliser and action bounds folded in, as an nn.Sequential.
-    For a learner whose policy takes no command (ARS) ``command`` is None."""
+def build_policy(
+    learner: Learner, command: float | None, context=None
+) -> tuple[nn.Sequential, dict]:
+    """G(command[, context]) with the normaliser and action bounds folded in, as an
+    nn.Sequential. For a learner whose policy takes no command (ARS) ``command`` is None;
+    ``context`` (the task, a task-family run only) is None elsewhere."""
     spec = learner.spec
-    batch = learner.propose_eval(None if command is None else [command], episodes=1)
+    commands = None if command is None else [command]
+    if context is None:
+        batch = learner.propose_eval(commands, episodes=1)
+    else:
+        batch = learner.propose_eval(commands, 1, [list(map(float, context))])
     params = torch.from_numpy(batch.policy_params[0])
     seq = to_sequential(spec, params)
     mean, std = (torch.from_numpy(a) for a in batch.normalizer())
@@ -59,13 +66,15 @@ def build_policy(learner: Learner, command: float | None) -> tuple[nn.Sequential
     policy = nn.Sequential(*seq, bounds).eval()
     meta = {
         "command": None if command is None else float(command),
+        "context": None if context is None else [float(v) for v in context],
         "layer_sizes": list(spec.layer_sizes),
     }
     return policy, meta
 
 
-def export_policy(learner: Learner, command: float | None, path: str | Path) -> Path:
-    policy, meta = build_policy(learner, command)
+def export_policy(learner: Learner, command: float | None, path: str | Path, context=None) -> Path:
+    """Write G(command[, context]) to ``path``; ``context`` is one task, (k,)."""
+    policy, meta = build_policy(learner, command, context)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(
@@ -73,6 +82,7 @@ def export_policy(learner: Learner, command: float | None, path: str | Path) -> 
             "format": FORMAT,
             "env_id": learner.cfg.env.id,
             "command": meta["command"],
+            "context": meta["context"],  # the task (task-family runs), else None
             "layer_sizes": meta["layer_sizes"],
             "action_low": list(learner.spec.action_low),
             "action_high": list(learner.spec.action_high),

@@ -273,7 +273,14 @@ def render_at_end(trainer) -> Path | None:
         result = render_policy(
             trainer.cfg,
             trainer.spec,
-            lambda: ray.get(trainer.learner.propose_eval.remote(None, 1)),
+            # a task family: its first held-out task
+            lambda: ray.get(
+                trainer.learner.propose_eval.remote(
+                    None,
+                    1,
+                    None if trainer.cfg.context is None else trainer.cfg.context.heldout[:1],
+                )
+            ),
             path,
             max_steps=AT_END_MAX_STEPS,
         )

@@ -409,6 +409,8 @@ class GoGePo(Algorithm):
             at, mean, std = p.eval_history[-1]
             eval_return = mean
             out["eval"] = {"return_mean": mean, "return_std": std, "env_steps": at}
+            # task families: heldout_return_mean and heldout/<context>, as in MLflow
+            out["eval"].update({k[5:]: v for k, v in trainer.last_eval_contexts.items()})
         out.setdefault("timers", {}).update(
             {"training_iteration": seconds, "training_step": seconds}
         )

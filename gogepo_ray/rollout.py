@@ -218,9 +218,11 @@ class Rollouts:
         failures: list[str | None] = [None] * n
         obs = np.zeros((n, dim), np.float64)
         running: list[int] = []
+        contexts = batch.contexts
         for i in range(n):
             try:
-                obs[i] = self._env(i).reset(seed=int(batch.seeds[i]))[0]
+                options = None if contexts is None else {"context": contexts[i]}
+                obs[i] = self._env(i).reset(seed=int(batch.seeds[i]), options=options)[0]
                 running.append(i)
             except Exception as exc:  # noqa: BLE001 - a broken env must not kill the worker
                 failures[i] = f"env reset raised {type(exc).__name__}: {exc}"
@@ -289,6 +291,7 @@ class Rollouts:
             obs_mean=delta.mean,
             obs_m2=delta.m2,
             rollout_seconds=time.perf_counter() - start,
+            contexts=contexts,
         )
 
     def close(self) -> None:

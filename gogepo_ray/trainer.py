@@ -41,9 +41,15 @@ from gogepo_ray.distributed.actors import (
     rollout_actor,
     wait_for_learner,
 )
-from gogepo_ray.envs import policy_spec
+from gogepo_ray.envs import family_of, policy_spec
 from gogepo_ray.errors import TrainingError
-from gogepo_ray.evaluation import SweepResult, failure_rows, sweep_commands
+from gogepo_ray.evaluation import (
+    ContextSweep,
+    SweepResult,
+    failure_rows,
+    heldout_metrics,
+    sweep_commands,
+)
 from gogepo_ray.types import EpisodeBatch, LearnerStats, ParamBatch
 
 
@@ -110,6 +116,8 @@ class Trainer:
             ]
         self.latest_stats: LearnerStats | None = None
         self.last_eval: float = float("nan")
+        # Task families: the last evaluation per held-out context (``eval/heldout/...``)
+        self.last_eval_contexts: dict[str, float] = {}
         check_learner_gpu(cfg, local=ensure_ray(cfg))
         self.learner = learner_actor(cfg, self.spec, learner_state)
         wait_for_learner(self.learner, cfg)
@@ -205,6 +213,8 @@ class Trainer:
             std = float(returns.std()) if len(returns) else float("nan")
             self.progress.eval_history.append([issued_at, mean, std])
             self.last_eval = mean
+            if result.contexts is not None:
+                self.last_eval_contexts = heldout_metrics(result)
             for cb in self.callbacks:
                 cb.on_eval(self, issued_at, mean, std)
             return
@@ -324,6 +334,7 @@ class Trainer:
                     seeds=batch.seeds[idx],
                     commands=batch.commands[idx],
                     policy_params=batch.policy_params[idx],
+                    contexts=None if batch.contexts is None else batch.contexts[idx],
                 )
             )
             for i, idx in enumerate(parts)
@@ -341,17 +352,47 @@ class Trainer:
             obs_mean=results[0].obs_mean,
             obs_m2=results[0].obs_m2,
             rollout_seconds=sum(r.rollout_seconds for r in results),
+            contexts=None
+            if batch.contexts is None
+            else np.concatenate([r.contexts for r in results]),
         )
 
     def evaluate(
-        self, commands: list[float] | None = None, episodes: int | None = None
+        self,
+        commands: list[float] | None = None,
+        episodes: int | None = None,
+        contexts: np.ndarray | None = None,
     ) -> EpisodeBatch:
-        """Noise-free policies for ``commands`` (default: the best return so far)."""
+        """Noise-free policies for ``commands`` (default: the best return so far; for a task
+        family each of ``contexts``, default the held-out ones, at its best estimate)."""
         eps = episodes or self.cfg.run.eval_episodes
-        return self.run_batch(ray.get(self.learner.propose_eval.remote(commands, eps)))
+        return self.run_batch(ray.get(self.learner.propose_eval.remote(commands, eps, contexts)))
 
-    def sweep(self, episodes: int = 1) -> SweepResult:
+    def sweep(self, episodes: int = 1) -> SweepResult | ContextSweep:
+        """Achieved against commanded return over the env's return range; for a task family
+        over held-out contexts × commands, with the held-out table."""
         commands = sweep_commands(self.cfg)
+        if self.cfg.context is not None:
+            runs: list[EpisodeBatch] = []
+
+            def run(batch: ParamBatch) -> EpisodeBatch:
+                runs.append(self.run_batch(batch))
+                return runs[-1]
+
+            sweep = ContextSweep.run(
+                lambda c, e, x: ray.get(self.learner.propose_eval.remote(c, e, x)),
+                run,
+                family_of(self.cfg.env.id, self.cfg.env.kwargs)[1],
+                self.cfg.context.heldout,
+                commands,
+                episodes,
+            )
+            for result in runs:
+                self.progress.eval_env_steps += int(result.lengths.sum())
+                self.progress.rollout_seconds += result.rollout_seconds
+                failed = [i for i, f in enumerate(result.failures) if f is not None]
+                self._log_failures(result, failed, source="sweep")
+            return sweep
         result = self.evaluate(commands, episodes)
         self.progress.eval_env_steps += int(result.lengths.sum())
         self.progress.rollout_seconds += result.rollout_seconds
@@ -374,6 +415,8 @@ class Trainer:
             sweep = self.sweep()
             sweep.write(self.run_dir / "sweep", self.cfg.env.id)
         summary = self.summary(final_eval=final_mean)
+        if self.cfg.context is not None:  # the final evaluation, per held-out context
+            summary["heldout"] = dict(self.last_eval_contexts)
         # failed episodes are left out of the final evaluation's and the sweep's means
         summary["final_eval_failed_episodes"] = sum(f is not None for f in final.failures)
         summary["sweep_failed_episodes"] = sweep.failed_episodes if sweep else None
@@ -455,7 +498,11 @@ class Trainer:
 
 
 def _batch_to_state(batch: ParamBatch, issued_at: int) -> dict:
-    d = {k: torch.from_numpy(np.array(v)) for k, v in batch._asdict().items() if k != "kind"}
+    d = {
+        k: torch.from_numpy(np.array(v))
+        for k, v in batch._asdict().items()
+        if k != "kind" and v is not None  # contexts: None outside task families
+    }
     return d | {"kind": batch.kind, "issued_at": int(issued_at)}
 
 

@@ -30,6 +30,9 @@ class ParamBatch(NamedTuple):
     # Training policies see statistics that follow their own steps (the paper's code); False
     # keeps the master statistics fixed through the episode (ARS: a ± pair sees the same ones).
     follow_stats: bool = True
+    # Task families: (n, k) float64, the task of each episode, given to the env at reset
+    # (``reset(options={"context": ...})``); None for an env that is not a family.
+    contexts: np.ndarray | None = None
 
     def obs_stats(self) -> ObsStats:
         """The master statistics this batch carries, as an ObsStats of its own."""
@@ -56,6 +59,7 @@ class EpisodeBatch(NamedTuple):
     obs_mean: np.ndarray  # (obs_dim,)
     obs_m2: np.ndarray  # (obs_dim,)
     rollout_seconds: float
+    contexts: np.ndarray | None = None  # (n, k) echoed from the ParamBatch; None: no family
 
 
 class LearnerStats(NamedTuple):

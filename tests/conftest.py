@@ -113,4 +113,5 @@ def make_batch(pb, returns, lengths=None, failures=None, obs=None):
         obs_mean=delta.mean,
         obs_m2=delta.m2,
         rollout_seconds=0.1,
+        contexts=pb.contexts,
     )

@@ -489,7 +489,7 @@ def test_buffer_empirical_sampling_by_age(n_added):
     buf = _filled_buffer(capacity, n_added)
     rng = torch.Generator().manual_seed(0)
     draws = 20_000
-    params, returns = buf.sample(draws, rng)
+    params, returns, _ = buf.sample(draws, rng)
     assert params.shape == (draws, 3) and returns.shape == (draws,)
     assert torch.equal(params[:, 0], returns) and torch.equal(params[:, 2], returns)  # pairs intact
     ages = (n_added - returns).long()  # newest (return n_added-1) has age 1
@@ -542,7 +542,7 @@ def test_buffer_errors():
     with pytest.raises(ValueError):
         ReplayBuffer(0, 3)
     buf.add(torch.zeros(1, 3, dtype=torch.float64), 1.0)  # any (D,)-sized tensor, stored as float32
-    params, _ = buf.sample(2, torch.Generator().manual_seed(0))
+    params, _, _ = buf.sample(2, torch.Generator().manual_seed(0))
     assert params.dtype == torch.float32
 
 
@@ -770,7 +770,7 @@ def test_learner_steps_match_manual_adam_steps(cfg, spec):
     c_opt.load_state_dict(copy.deepcopy(learner.critic_opt.state_dict()))
     rng = torch.Generator()
     rng.set_state(learner.rng.get_state())
-    params, returns = learner.buffer.sample(cfg.critic.batch_size, rng)
+    params, returns, _ = learner.buffer.sample(cfg.critic.batch_size, rng)
     loss = ((critic(params) - returns) ** 2).mean()
     c_opt.zero_grad()
     loss.backward()
@@ -783,7 +783,7 @@ def test_learner_steps_match_manual_adam_steps(cfg, spec):
     g_opt = torch.optim.Adam(gen.parameters(), lr=cfg.generator.lr)
     g_opt.load_state_dict(copy.deepcopy(learner.generator_opt.state_dict()))
     rng.set_state(learner.rng.get_state())
-    _, commands = learner.buffer.sample(cfg.generator.batch_size, rng)
+    _, commands, _ = learner.buffer.sample(cfg.generator.batch_size, rng)
     assert commands.shape == (cfg.generator.batch_size,)
     frozen = copy.deepcopy(learner.critic).requires_grad_(False)
     loss = ((frozen(gen(commands)) - commands) ** 2).mean()

@@ -1,4 +1,7 @@
-"""Replay buffer of (policy_params, return) pairs with recency-weighted sampling.
+"""Replay buffer of (policy_params, context, return) entries with recency-weighted sampling.
+
+The context is the task an episode was run on (``core.context``); a run without task
+contexts stores contexts of 0 dimensions, which cost nothing.
 
 Sampling favours recent entries (paper §3, appendix): the entry of age k (k = 1 for the
 newest) is drawn with probability ∝ (1/k)^recency_exponent, with replacement. The buffer
@@ -12,14 +15,25 @@ import torch
 
 
 class ReplayBuffer:
-    def __init__(self, capacity: int, num_params: int, recency_exponent: float = 1.1) -> None:
+    def __init__(
+        self,
+        capacity: int,
+        num_params: int,
+        recency_exponent: float = 1.1,
+        context_dim: int = 0,
+    ) -> None:
         if capacity < 1:
             raise ValueError("capacity must be at least 1")
         self.capacity = capacity
         self.num_params = num_params
         self.recency_exponent = recency_exponent
+        self.context_dim = context_dim
         self._params: list[torch.Tensor] = []  # ring storage, each (D,)
         self._returns: list[float] = []
+        # contexts and returns also as tensors in the ring's slots, for nearest-neighbour
+        # queries over the whole buffer (``core.context``); grown like the lists
+        self._contexts = torch.zeros(0, context_dim)
+        self._returns_t = torch.zeros(0, dtype=torch.float64)
         self._head = 0  # slot of the next write once full
         self.total_added = 0
         ages = torch.arange(1, capacity + 1, dtype=torch.float64)
@@ -28,19 +42,45 @@ class ReplayBuffer:
     def __len__(self) -> int:
         return len(self._params)
 
-    def add(self, policy_params: torch.Tensor, episode_return: float) -> None:
-        """Store one (θ, R) pair; θ is (D,) and is copied to contiguous float32 CPU memory."""
+    def add(
+        self,
+        policy_params: torch.Tensor,
+        episode_return: float,
+        context: torch.Tensor | None = None,
+    ) -> None:
+        """Store one (θ, x, R) entry; θ is (D,) and is copied to contiguous float32 CPU
+        memory, x is (context_dim,) (None without contexts)."""
         p = policy_params.detach().to("cpu", torch.float32).reshape(-1).clone()
         if p.numel() != self.num_params:
             raise ValueError(f"expected {self.num_params} params, got {p.numel()}")
+        x = torch.zeros(0) if context is None else torch.as_tensor(context, dtype=torch.float32)
+        if x.numel() != self.context_dim:
+            raise ValueError(f"expected a context of {self.context_dim} values, got {x.numel()}")
         if len(self._params) < self.capacity:
+            slot = len(self._params)
             self._params.append(p)
             self._returns.append(float(episode_return))
+            if slot >= len(self._returns_t):  # grow by doubling, up to the capacity
+                size = min(self.capacity, max(16, 2 * slot))
+                self._contexts = torch.cat(
+                    [self._contexts, torch.zeros(size - slot, self.context_dim)]
+                )
+                self._returns_t = torch.cat(
+                    [self._returns_t, torch.zeros(size - slot, dtype=torch.float64)]
+                )
         else:
-            self._params[self._head] = p
-            self._returns[self._head] = float(episode_return)
+            slot = self._head
+            self._params[slot] = p
+            self._returns[slot] = float(episode_return)
             self._head = (self._head + 1) % self.capacity
+        self._contexts[slot] = x.reshape(-1)
+        self._returns_t[slot] = float(episode_return)
         self.total_added += 1
+
+    def contexts_and_returns(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every stored entry's context (n, context_dim) and return (n,), in slot order."""
+        n = len(self)
+        return self._contexts[:n], self._returns_t[:n]
 
     def _slot_of_age(self, ages: torch.Tensor) -> torch.Tensor:
         """Storage slot of entries with age k (k = 1 newest)."""
@@ -52,8 +92,11 @@ class ReplayBuffer:
         w = self._age_weights[: len(self)]
         return w / w.sum()
 
-    def sample(self, batch_size: int, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """Draw ``batch_size`` pairs: policy_params (B, D), returns (B,)."""
+    def sample(
+        self, batch_size: int, rng: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Draw ``batch_size`` entries: policy_params (B, D), returns (B,), contexts
+        (B, context_dim)."""
         if len(self) == 0:
             raise RuntimeError("cannot sample from an empty replay buffer")
         ages = (
@@ -65,7 +108,7 @@ class ReplayBuffer:
         slots = self._slot_of_age(ages).tolist()
         params = torch.stack([self._params[s] for s in slots])
         returns = torch.tensor([self._returns[s] for s in slots], dtype=torch.float32)
-        return params, returns
+        return params, returns, self._contexts[slots]
 
     def returns_in_order(self) -> list[float]:
         """All stored returns, oldest first."""
@@ -84,11 +127,14 @@ class ReplayBuffer:
         params = (
             torch.stack([self._params[i] for i in order]) if n else torch.zeros(0, self.num_params)
         )
-        return {
+        state = {
             "params": params,  # (n, D), oldest first
             "returns": torch.tensor([self._returns[i] for i in order], dtype=torch.float64),
             "total_added": self.total_added,
         }
+        if self.context_dim:  # (n, k), oldest first; runs without contexts keep their format
+            state["contexts"] = self._contexts[order] if n else torch.zeros(0, self.context_dim)
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         params, returns = state["params"], state["returns"]
@@ -96,7 +142,15 @@ class ReplayBuffer:
             raise ValueError(
                 f"buffer holds policies of {params.shape[1]} params, this policy has {self.num_params}"
             )
+        contexts = state.get("contexts", torch.zeros(len(params), 0))
+        if contexts.shape[1] != self.context_dim:
+            raise ValueError(
+                f"buffer holds contexts of {contexts.shape[1]} values, this run's have {self.context_dim}"
+            )
         self._params, self._returns, self._head = [], [], 0
-        for p, r in zip(params[-self.capacity :], returns[-self.capacity :].tolist()):
-            self.add(p, r)
+        self._contexts = torch.zeros(0, self.context_dim)
+        self._returns_t = torch.zeros(0, dtype=torch.float64)
+        keep = slice(-self.capacity, None)
+        for p, r, x in zip(params[keep], returns[keep].tolist(), contexts[keep]):
+            self.add(p, r, x)
         self.total_added = int(state["total_added"])

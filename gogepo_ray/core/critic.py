@@ -12,6 +12,10 @@ fingerprint holds the actions as the env would receive them (within the action b
 With ``bf16`` the fingerprint (B policies on P probing states: the critic's large
 product) runs under bf16 autocast, like the generator's hypernetworks; the head and the
 predicted return stay fp32, where a return of 1000 keeps its units.
+
+Task families (``core.context``): V(θ, x) = f([fingerprint, x]), the normalised context
+concatenated with the fingerprint, so the same policy can be worth different returns in
+different tasks. Without a context (``context_dim`` 0) the critic is the paper's.
 """
 
 from __future__ import annotations
@@ -35,12 +39,14 @@ class Critic(nn.Module):
         probing_states: int = 200,
         hidden: tuple[int, ...] = (256, 256),
         bf16: bool = False,
+        context_dim: int = 0,
     ) -> None:
         super().__init__()
         self.spec = spec
         self.bf16 = bf16
+        self.context_dim = context_dim
         self.probing_states = nn.Parameter(torch.rand(probing_states, spec.obs_dim))  # (P, obs_dim)
-        self.head = mlp([probing_states * spec.act_dim, *hidden, 1])
+        self.head = mlp([probing_states * spec.act_dim + context_dim, *hidden, 1])
 
     def fingerprint(self, policy_params: torch.Tensor | Layers) -> torch.Tensor:
         """(B, D) flat or per-layer -> (B, P * act_dim): the policies' actions on the probing states."""
@@ -54,6 +60,16 @@ class Critic(nn.Module):
             actions = policy_actions(self.spec, policy_params, states)  # (B, P, act_dim)
         return actions.reshape(actions.shape[0], -1).float()
 
-    def forward(self, policy_params: torch.Tensor | Layers) -> torch.Tensor:
-        """(B, D) -> (B,) predicted returns."""
-        return self.head(self.fingerprint(policy_params)).squeeze(-1)
+    def forward(
+        self, policy_params: torch.Tensor | Layers, context: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(B, D)[, context (B, k) normalised] -> (B,) predicted returns."""
+        features = self.fingerprint(policy_params)
+        if self.context_dim:
+            if context is None or context.shape != (features.shape[0], self.context_dim):
+                got = None if context is None else tuple(context.shape)
+                raise ValueError(
+                    f"expected a context of shape ({features.shape[0]}, {self.context_dim}), got {got}"
+                )
+            features = torch.cat([features, context.to(features.dtype)], dim=1)
+        return self.head(features).squeeze(-1)

@@ -13,6 +13,11 @@ weights are simply never used, so any observation, action or hidden size works; 
 is at most one partial row and one partial column of tiles per layer.
 
 The command enters G divided by ``command_scale`` = return_max − return_min of the env.
+
+Task families (``core.context``): the command is [return, context]. The context, already
+normalised to about [−1, 1], enters the first layer of every hypernetwork beside the
+return, so G([R, x]) writes a policy specialised to task x. Without a context (``context_dim``
+0) the generator is the paper's, parameter for parameter.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ def mlp(sizes: list[int], activation: type[nn.Module] = nn.ReLU) -> nn.Sequentia
 
 
 class Generator(nn.Module):
-    """G(command) -> policy_params, for every command in a batch at once."""
+    """G(command[, context]) -> policy_params, for every command in a batch at once."""
 
     KINDS = ("input", "hidden", "output")
 
@@ -52,6 +57,7 @@ class Generator(nn.Module):
         hidden: tuple[int, ...] = (256, 256),
         output_scale: float = 2.0,
         bf16: bool = False,
+        context_dim: int = 0,
     ) -> None:
         super().__init__()
         if command_scale <= 0:
@@ -60,6 +66,7 @@ class Generator(nn.Module):
         self.tile = tile
         self.command_scale = float(command_scale)
         self.bf16 = bf16
+        self.context_dim = context_dim
         shapes = spec.layer_shapes
         n_layers = len(shapes)
         # Which hypernetwork writes each layer. A single-layer (linear) policy uses "input".
@@ -77,7 +84,10 @@ class Generator(nn.Module):
         )  # per layer (T_out * T_in, e), row-major over (T_out, T_in)
         used = sorted(set(self.layer_kind), key=self.KINDS.index)
         self.hypernets = nn.ModuleDict(
-            {kind: mlp([embedding_dim + 1, *hidden, tile * tile + tile]) for kind in used}
+            {
+                kind: mlp([embedding_dim + 1 + context_dim, *hidden, tile * tile + tile])
+                for kind in used
+            }
         )
         self.output_scale = output_scale
 
@@ -86,8 +96,11 @@ class Generator(nn.Module):
             return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
         return nullcontext()
 
-    def layers(self, command: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """command (B,) raw returns -> per policy layer (W (B, out, in), b (B, out)).
+    def layers(
+        self, command: torch.Tensor, context: torch.Tensor | None = None
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """command (B,) raw returns, context (B, context_dim) normalised (None without one)
+        -> per policy layer (W (B, out, in), b (B, out)).
 
         Under bf16 the layers stay bf16: the critic consumes them under the same autocast,
         and a round trip through fp32 would only add copies (the values are bf16 either
@@ -95,6 +108,15 @@ class Generator(nn.Module):
         c = (command.reshape(-1, 1) / self.command_scale).to(self.embeddings[0].dtype)  # (B, 1)
         batch, k = c.shape[0], self.tile
         e_dim = self.embeddings[0].shape[1]
+        if self.context_dim:
+            if context is None or context.shape != (batch, self.context_dim):
+                got = None if context is None else tuple(context.shape)
+                raise ValueError(
+                    f"expected a context of shape ({batch}, {self.context_dim}), got {got}"
+                )
+            x = context.to(c.dtype)  # (B, k)
+        elif context is not None and context.numel():
+            raise ValueError("this generator takes no context")
         out_layers = []
         for i, kind in enumerate(self.layer_kind):
             net = self.hypernets[kind]
@@ -105,9 +127,10 @@ class Generator(nn.Module):
                 # First layer on [e, c] without materialising the concatenation: the
                 # embedding part is shared by every command in the batch.
                 h = F.linear(self.embeddings[i], first.weight[:, :e_dim], first.bias)  # (T, H)
-                h = torch.relu(
-                    h.unsqueeze(0) + c.unsqueeze(1) * first.weight[:, e_dim]
-                )  # (B, T, H)
+                h = h.unsqueeze(0) + c.unsqueeze(1) * first.weight[:, e_dim]  # (B, T, H)
+                if self.context_dim:  # the task's share, one (H,) row per policy
+                    h = h + F.linear(x, first.weight[:, e_dim + 1 :]).unsqueeze(1)
+                h = torch.relu(h)
                 for module in net[2:-1]:
                     h = module(h)
                 # s/sqrt(fan_in) folded into the output layer (scales a (k*k+k, H) matrix,
@@ -129,6 +152,6 @@ class Generator(nn.Module):
             out_layers.append((w, b))
         return out_layers
 
-    def forward(self, command: torch.Tensor) -> torch.Tensor:
-        """command (B,) raw returns -> policy_params (B, D), float32."""
-        return self.spec.join(self.layers(command)).float()
+    def forward(self, command: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """command (B,) raw returns[, context (B, k)] -> policy_params (B, D), float32."""
+        return self.spec.join(self.layers(command, context)).float()

@@ -13,6 +13,9 @@ workers that sent them. With one worker and 1 round per episode this is the pape
 sequence: episode, round, next policy.
 Exploration: command c = best training return so far + drive; θ = G(c) + σ·ε, ε ~ N(0, I).
 Evaluation: G(best training return), no noise.
+Task families (``core.context``): every training episode runs on a context x drawn from the
+training distribution, with command best(x) + drive, θ = G(c, x) + σ·ε; evaluation runs
+G(best(x), x) on every held-out x.
 
 This module knows tensors and numpy only. It reads its settings from a config object by
 attribute (``gogepo_ray.config.Config``) without importing pydantic.
@@ -29,6 +32,7 @@ import numpy as np
 import torch
 
 from gogepo_ray.core.buffer import ReplayBuffer
+from gogepo_ray.core.context import TaskContexts
 from gogepo_ray.core.critic import Critic
 from gogepo_ray.core.generator import Generator
 from gogepo_ray.core.normalizer import ObsStats
@@ -40,14 +44,24 @@ if TYPE_CHECKING:
     from gogepo_ray.config import Config
 
 
-def critic_loss(critic: Critic, policy_params: torch.Tensor, returns: torch.Tensor) -> torch.Tensor:
-    """Paper eq. (critic): mean over the batch of (V(θ) − R)²."""
-    return ((critic(policy_params) - returns) ** 2).mean()
+def critic_loss(
+    critic: Critic,
+    policy_params: torch.Tensor,
+    returns: torch.Tensor,
+    context: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Paper eq. (critic): mean over the batch of (V(θ[, x]) − R)²."""
+    return ((critic(policy_params, context) - returns) ** 2).mean()
 
 
-def generator_loss(generator: Generator, critic: Critic, commands: torch.Tensor) -> torch.Tensor:
-    """Paper eq. (generator): mean over commands of (V(G(c)) − c)², with V held fixed."""
-    return ((critic(generator.layers(commands)) - commands) ** 2).mean()
+def generator_loss(
+    generator: Generator,
+    critic: Critic,
+    commands: torch.Tensor,
+    context: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Paper eq. (generator): mean over commands of (V(G(c[, x])[, x]) − c)², V held fixed."""
+    return ((critic(generator.layers(commands, context), context) - commands) ** 2).mean()
 
 
 def exploration_command(best_return: float | None, drive: float) -> float:
@@ -148,6 +162,8 @@ class Learner(StreamingLearner):
             cfg.learner.precision, cfg.learner.device, spec.num_params
         )
         bf16 = self.precision == "bf16"
+        self.contexts = TaskContexts.from_config(cfg)  # None: not a task family
+        k = self.contexts.cond_dim if self.contexts is not None else 0
         self.generator = Generator(
             spec,
             command_scale=cfg.env.return_max - cfg.env.return_min,
@@ -156,15 +172,16 @@ class Learner(StreamingLearner):
             hidden=tuple(g.hidden),
             output_scale=g.output_scale,
             bf16=bf16,
+            context_dim=k,
         ).to(self.device)
         self.critic = Critic(
-            spec, probing_states=c.probing_states, hidden=tuple(c.hidden), bf16=bf16
+            spec, probing_states=c.probing_states, hidden=tuple(c.hidden), bf16=bf16, context_dim=k
         ).to(self.device)
         # fused: one kernel per step for all parameters instead of a dozen ops per tensor
         self.generator_opt = torch.optim.Adam(self.generator.parameters(), lr=g.lr, fused=True)
         self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=c.lr, fused=True)
         self.buffer = ReplayBuffer(
-            cfg.buffer.capacity, spec.num_params, cfg.buffer.recency_exponent
+            cfg.buffer.capacity, spec.num_params, cfg.buffer.recency_exponent, context_dim=k
         )
         self.obs_stats = ObsStats(spec.obs_dim)
         self.rng = torch.Generator().manual_seed(cfg.run.seed)  # noise and buffer sampling
@@ -188,47 +205,88 @@ class Learner(StreamingLearner):
         }
 
     # ------------------------------------------------------------------ proposing policies
-    def _batch(self, kind: Kind, commands: np.ndarray, noise: float) -> ParamBatch:
+    def _batch(
+        self, kind: Kind, commands: np.ndarray, noise: float, contexts: np.ndarray | None = None
+    ) -> ParamBatch:
         with torch.no_grad():
             c = torch.as_tensor(commands, dtype=torch.float32, device=self.device)
-            params = self.generator(c).cpu()  # (n, D)
+            x = None if contexts is None else self.contexts.normalise(contexts).to(self.device)
+            params = self.generator(c, x).cpu()  # (n, D)
             if noise > 0:
                 params = params + noise * torch.randn(params.shape, generator=self.rng)
         n = len(commands)
         ids = np.arange(self.next_id[kind], self.next_id[kind] + n, dtype=np.int64)
         self.next_id[kind] += n
-        return self.param_batch(kind, ids, commands, params.numpy())
+        return self.param_batch(kind, ids, commands, params.numpy())._replace(contexts=contexts)
 
     def propose(self, n: int) -> ParamBatch:
-        """n exploration policies from the newest generator: G(best + drive) + σ·ε."""
-        command = exploration_command(self.best_return, self.cfg.exploration.drive)
-        return self._batch("train", np.full(n, command), self.cfg.exploration.param_noise)
+        """n exploration policies from the newest generator: G(best + drive) + σ·ε; for a
+        task family each on its own context x from the training distribution, with the
+        command best(x) + drive."""
+        drive = self.cfg.exploration.drive
+        if self.contexts is None:
+            command = exploration_command(self.best_return, drive)
+            return self._batch("train", np.full(n, command), self.cfg.exploration.param_noise)
+        contexts = self.contexts.sample(n, self.rng)
+        commands = self.best_for(contexts) + drive
+        return self._batch("train", commands, self.cfg.exploration.param_noise, contexts)
 
-    def eval_command(self) -> float:
-        """The command evaluation asks for: the best training return so far."""
+    def best_for(self, contexts: np.ndarray) -> np.ndarray:
+        """Estimated best training return of each task context (m, k) (``core.context``);
+        0 while the buffer is empty, like the first command of a run."""
+        best = self.contexts.best(contexts, *self.buffer.contexts_and_returns())
+        return np.nan_to_num(best, nan=0.0)
+
+    def eval_command(self, context: np.ndarray | None = None) -> float:
+        """The command evaluation asks for: the best training return so far (for a task
+        family: the estimated best of ``context``)."""
+        if context is not None:
+            return float(self.best_for(np.asarray(context, np.float64).reshape(1, -1))[0])
         return 0.0 if self.best_return is None else self.best_return
 
-    def propose_eval(self, commands: list[float] | None = None, episodes: int = 1) -> ParamBatch:
-        """Noise-free policies, ``episodes`` copies of G(c) for every command."""
-        cmds = [self.eval_command()] if commands is None else list(commands)
-        return self._batch("eval", np.repeat(np.asarray(cmds, dtype=np.float64), episodes), 0.0)
+    def propose_eval(
+        self,
+        commands: list[float] | None = None,
+        episodes: int = 1,
+        contexts: np.ndarray | list | None = None,
+    ) -> ParamBatch:
+        """Noise-free policies, ``episodes`` copies of G(c) for every command. For a task
+        family, commands pair with ``contexts`` (m, k) one to one (default: the held-out
+        tasks); with no commands each context gets its estimated best return."""
+        if self.contexts is None:
+            if contexts is not None:
+                raise ValueError("this run is not on a task family; it takes no context")
+            cmds = [self.eval_command()] if commands is None else list(commands)
+            return self._batch("eval", np.repeat(np.asarray(cmds, dtype=np.float64), episodes), 0.0)
+        x = self.contexts.heldout if contexts is None else np.asarray(contexts, np.float64)
+        x = x.reshape(-1, self.contexts.dim)
+        cmds = self.best_for(x) if commands is None else np.asarray(commands, np.float64)
+        if len(cmds) != len(x):
+            raise ValueError(f"{len(cmds)} commands for {len(x)} contexts; give one each")
+        return self._batch("eval", np.repeat(cmds, episodes), 0.0, np.repeat(x, episodes, axis=0))
 
     # ------------------------------------------------------------------ learning
     def critic_step(self) -> float:
-        params, returns = self.buffer.sample(self.cfg.critic.batch_size, self.rng)
-        loss = critic_loss(self.critic, params.to(self.device), returns.to(self.device))
+        params, returns, x = self.buffer.sample(self.cfg.critic.batch_size, self.rng)
+        loss = critic_loss(
+            self.critic, params.to(self.device), returns.to(self.device), self._cond(x)
+        )
         self.critic_opt.zero_grad(set_to_none=True)
         loss.backward()
         self.critic_opt.step()
         return loss.item()
 
     def generator_step(self) -> float:
-        _, commands = self.buffer.sample(self.cfg.generator.batch_size, self.rng)
-        loss = generator_loss(self.generator, self.critic, commands.to(self.device))
+        _, commands, x = self.buffer.sample(self.cfg.generator.batch_size, self.rng)
+        loss = generator_loss(self.generator, self.critic, commands.to(self.device), self._cond(x))
         self.generator_opt.zero_grad(set_to_none=True)
         loss.backward()
         self.generator_opt.step()
         return loss.item()
+
+    def _cond(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Normalised contexts from the buffer as G and V take them; None without any."""
+        return x.to(self.device) if self.generator.context_dim else None
 
     def update(self, rounds: int) -> tuple[float | None, float | None]:
         """``rounds`` rounds of the configured critic steps, then generator steps. Returns
@@ -262,6 +320,12 @@ class Learner(StreamingLearner):
         if not ok:
             return 0
         params = torch.as_tensor(batch.policy_params[ok])
+        if self.contexts is not None:
+            if batch.contexts is None:
+                raise ValueError("a task-family run got episodes without contexts")
+            x = self.contexts.normalise(batch.contexts[ok])  # (m, cond_dim)
+        else:
+            x = torch.zeros(len(ok), 0)
         train_returns = [
             training_return(
                 float(batch.returns[i]), int(batch.lengths[i]), self.cfg.env.survival_offset
@@ -270,10 +334,10 @@ class Learner(StreamingLearner):
         ]
         if len(self.buffer) > 0:
             with torch.no_grad():
-                pred = self.critic(params.to(self.device)).cpu()
+                pred = self.critic(params.to(self.device), self._cond(x)).cpu()
             self._last["fresh"] = float((pred - torch.tensor(train_returns)).abs().mean())
-        for p, r in zip(params, train_returns):
-            self.buffer.add(p, r)
+        for p, r, xi in zip(params, train_returns, x):
+            self.buffer.add(p, r, xi)
             self.best_return = r if self.best_return is None else max(self.best_return, r)
         self._last["return"] = float(np.mean(train_returns))
         self.env_steps += int(batch.lengths[ok].sum())

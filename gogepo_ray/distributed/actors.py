@@ -49,8 +49,12 @@ class LearnerActor:
     def propose(self, n: int) -> ParamBatch:
         return self.learner.propose(n)
 
-    def propose_eval(self, commands: list[float] | None = None, episodes: int = 1) -> ParamBatch:
-        return self.learner.propose_eval(commands, episodes)
+    def propose_eval(
+        self, commands: list[float] | None = None, episodes: int = 1, contexts=None
+    ) -> ParamBatch:
+        if contexts is None:  # ARS takes no contexts
+            return self.learner.propose_eval(commands, episodes)
+        return self.learner.propose_eval(commands, episodes, contexts)
 
     def stats(self) -> LearnerStats:
         return self.learner.stats()
