@@ -33,6 +33,17 @@ def _add_overrides(p: argparse.ArgumentParser, hint: str) -> None:
     )
 
 
+def _add_context(p: argparse.ArgumentParser, hint: str) -> None:
+    p.add_argument(
+        "--context",
+        type=float,
+        nargs="+",
+        default=None,
+        metavar="X",
+        help=f"task-family runs: the task, one number per context dimension; {hint}",
+    )
+
+
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train", help="train a generator on a local Ray instance (or the cluster in RAY_ADDRESS)"
@@ -57,14 +68,7 @@ def _add_checkpoint_cmds(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="desired return (default: best training return; for a task family the estimated best of the context)",
     )
-    p.add_argument(
-        "--context",
-        type=float,
-        nargs="+",
-        default=None,
-        metavar="X",
-        help="task-family runs: the task, one number per context dimension (default: every held-out context)",
-    )
+    _add_context(p, "default: every held-out context")
     p.add_argument("--episodes", type=int, default=10)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
@@ -87,14 +91,7 @@ def _add_checkpoint_cmds(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="desired return (GoGePo runs; ARS runs take none)",
     )
-    p.add_argument(
-        "--context",
-        type=float,
-        nargs="+",
-        default=None,
-        metavar="X",
-        help="task-family runs: the task the policy is written for (required there)",
-    )
+    _add_context(p, "required there")
     p.add_argument("--out", required=True, help="output file, e.g. policy.pt")
 
 
@@ -113,14 +110,7 @@ def _add_views(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="desired return (default: best training return; ARS policies take none)",
     )
-    p.add_argument(
-        "--context",
-        type=float,
-        nargs="+",
-        default=None,
-        metavar="X",
-        help="task-family runs: the task (default: the first held-out context)",
-    )
+    _add_context(p, "default: the first held-out context")
     p.add_argument("--episodes", type=int, default=1, help="episodes, one after the other")
     p.add_argument("--max-steps", type=int, default=None, help="at most this many steps an episode")
     p.add_argument("--fps", type=float, default=None, help="default: the env's render_fps")

@@ -89,6 +89,22 @@ def run_gogepo(
     )
 
 
+def tracked_run(cfg, uri: str, experiment: str) -> tuple[dict, str]:
+    """Train ``cfg`` to its total_env_steps on the session's Ray, with metrics.jsonl and an
+    MLflow run in ``uri``; returns the summary and the MLflow run id."""
+    from gogepo_ray.callbacks import JsonlMetrics, MLflowTracker
+    from gogepo_ray.trainer import Trainer
+
+    tracker = MLflowTracker(tracking_uri=uri, experiment=experiment)
+    trainer = Trainer(cfg, callbacks=[JsonlMetrics(), tracker])
+    try:
+        trainer.run_until(cfg.run.total_env_steps)
+        summary = trainer.finish()
+    finally:
+        trainer.shutdown()
+    return summary, tracker.run_id
+
+
 def make_batch(pb, returns, lengths=None, failures=None, obs=None):
     """The EpisodeBatch a worker would send back for ParamBatch ``pb``, with chosen returns,
     lengths (default 10 each), failures and observations (their statistics delta)."""

@@ -11,11 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from gogepo_ray.callbacks import JsonlMetrics, MLflowTracker
 from gogepo_ray.config import load_config
 from gogepo_ray.export import load_policy
-from gogepo_ray.trainer import Trainer
-from tests.conftest import ROOT, run_gogepo
+from tests.conftest import ROOT, run_gogepo, tracked_run
 
 pytestmark = pytest.mark.e2e
 
@@ -41,21 +39,15 @@ def family_run(ray_session, tmp_path_factory):
         [*FAST, f"run.total_env_steps={STEPS}", f"run.output_dir={out}"],
     )
     uri = f"sqlite:///{out / 'mlflow.db'}"
-    tracker = MLflowTracker(tracking_uri=uri, experiment="context")
-    trainer = Trainer(cfg, callbacks=[JsonlMetrics(), tracker])
-    try:
-        trainer.run_until(cfg.run.total_env_steps)
-        summary = trainer.finish()
-    finally:
-        trainer.shutdown()
-    return {"summary": summary, "run_dir": Path(summary["run_dir"]), "uri": uri, "cfg": cfg}
+    summary, run_id = tracked_run(cfg, uri, "context")
+    return {"summary": summary, "run_dir": Path(summary["run_dir"]), "uri": uri, "run_id": run_id}
 
 
 def test_heldout_return_improves(family_run):
     s = family_run["summary"]
     evals = [m for _, m in s["eval_history"]]
-    # An untrained generator's policies wander: held-out means of -230 to -75 at the first
-    # evaluation (measured); trained, every goal is approached.
+    # Measured: first evaluations (5-10k steps) of -230 to -75; this setup ended at -84
+    # from -209 at 40k steps, and a 100k-step run of the shipped config at -32.
     assert evals[-1] > evals[0] + 20, evals
     heldout = s["heldout"]
     labels = ["0.3_0.7", "-0.6_0.2", "0.5_-0.5", "-0.25_-0.8", "0.85_0.1"]
@@ -74,13 +66,13 @@ def test_heldout_metrics_and_artifacts_are_tracked(family_run):
     assert len(evals) >= STEPS // 5000
     assert all("eval/heldout/-1.15_1.15" in r for r in evals)
     client = MlflowClient(tracking_uri=family_run["uri"])
-    run = client.search_runs([client.get_experiment_by_name("context").experiment_id])[0]
-    history = client.get_metric_history(run.info.run_id, "eval/heldout_return_mean")
+    run_id = family_run["run_id"]
+    history = client.get_metric_history(run_id, "eval/heldout_return_mean")
     assert len(history) == len(evals)
     assert [m.step for m in history] == [int(r["train/env_steps"]) for r in evals]
-    per_goal = client.get_metric_history(run.info.run_id, "eval/heldout/0.3_0.7")
+    per_goal = client.get_metric_history(run_id, "eval/heldout/0.3_0.7")
     assert len(per_goal) == len(evals)
-    names = {a.path for a in client.list_artifacts(run.info.run_id)}
+    names = {a.path for a in client.list_artifacts(run_id)}
     assert {"sweep.png", "sweep.csv", "sweep-heldout.md", "sweep-heldout.csv"} <= names
     table = (family_run["run_dir"] / "sweep-heldout.md").read_text()
     assert "| goal_x | goal_y |" in table and "-1.15 | 1.15" in table

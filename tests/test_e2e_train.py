@@ -12,14 +12,12 @@ import pytest
 import torch
 
 from gogepo_ray import checkpoint as ckpt
-from gogepo_ray.callbacks import JsonlMetrics, MLflowTracker
 from gogepo_ray.config import load_config
 from gogepo_ray.core.learner import Learner
 from gogepo_ray.core.policy import policy_actions
 from gogepo_ray.envs import policy_spec
 from gogepo_ray.export import load_policy
-from gogepo_ray.trainer import Trainer
-from tests.conftest import run_gogepo
+from tests.conftest import run_gogepo, tracked_run
 
 pytestmark = pytest.mark.e2e
 
@@ -67,18 +65,12 @@ def trained(ray_session, tmp_path_factory):
         ],
     )
     uri = f"sqlite:///{out / 'mlflow.db'}"
-    tracker = MLflowTracker(tracking_uri=uri, experiment="e2e")
-    trainer = Trainer(cfg, callbacks=[JsonlMetrics(), tracker])
-    try:
-        trainer.run_until(cfg.run.total_env_steps)
-        summary = trainer.finish()
-    finally:
-        trainer.shutdown()
+    summary, run_id = tracked_run(cfg, uri, "e2e")
     return {
         "summary": summary,
         "run_dir": Path(summary["run_dir"]),
         "uri": uri,
-        "run_id": tracker.run_id,
+        "run_id": run_id,
     }
 
 
