@@ -5,8 +5,6 @@ CLI's answers to bad contexts. No Ray here; the end-to-end run is in test_contex
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -247,16 +245,6 @@ def family_checkpoint(tmp_path_factory) -> Path:
     return run
 
 
-def gogepo(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "gogepo_ray", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-
-
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -268,50 +256,45 @@ def gogepo(*args: str) -> subprocess.CompletedProcess:
         (["eval", "--command", "inf", "--context", "0", "0"], "--command must be a finite"),
     ],
 )
-def test_cli_refuses_bad_contexts_with_one_line(family_checkpoint, args, message):
-    proc = gogepo(args[0], str(family_checkpoint), *args[1:])
-    assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+def test_cli_refuses_bad_contexts_with_one_line(family_checkpoint, args, message, capsys):
+    # in process (the CLI's own main) to keep the unit tier fast; the subprocess tests
+    # below run the same entry point as a user does
+    from gogepo_ray.cli import main
+
+    assert main([args[0], str(family_checkpoint), *args[1:]]) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
     assert message in lines[0], lines[0]
     assert not (ROOT / "x.pt").exists()
 
 
-def test_cli_eval_and_export_on_a_family_checkpoint(family_checkpoint, tmp_path):
-    proc = gogepo(
-        "eval", str(family_checkpoint), "--context", "0.3", "0.7", "--episodes", "2", "--json"
-    )
-    assert proc.returncode == 0, proc.stderr
-    out = json.loads(proc.stdout)
+def test_cli_eval_and_export_on_a_family_checkpoint(family_checkpoint, tmp_path, capsys):
+    from gogepo_ray.cli import main
+
+    ckpt_dir = str(family_checkpoint)
+    assert main(["eval", ckpt_dir, "--context", "0.3", "0.7", "--episodes", "2", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
     assert out["context"] == [0.3, 0.7] and out["episodes"] == 2
     assert out["return_mean"] < 0  # PointGoal rewards are −distance
-    proc = gogepo("eval", str(family_checkpoint), "--episodes", "1", "--json")
-    assert proc.returncode == 0, proc.stderr
-    assert len(json.loads(proc.stdout)["contexts"]) == 9  # every held-out goal
+    assert main(["eval", ckpt_dir, "--episodes", "1", "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["contexts"]) == 9  # every held-out goal
     path = tmp_path / "pg.pt"
-    proc = gogepo(
-        "export",
-        str(family_checkpoint),
-        "--command",
-        "-10",
-        "--context",
-        "0.3",
-        "0.7",
-        "--out",
-        str(path),
-    )
-    assert proc.returncode == 0, proc.stderr
+    args = ["export", ckpt_dir, "--command", "-10", "--context", "0.3", "0.7", "--out", str(path)]
+    assert main(args) == 0
     blob = torch.load(path, weights_only=True)
     assert blob["context"] == [0.3, 0.7] and blob["command"] == -10.0
 
 
-def test_cli_refuses_a_context_for_a_run_that_is_not_a_family(tmp_path):
+def test_cli_refuses_a_context_for_a_run_that_is_not_a_family(tmp_path, capsys):
+    from gogepo_ray.cli import main
+
     cfg = load_config(ROOT / "configs" / "inverted_pendulum.yaml", FAMILY)
     learner = make_learner(cfg, policy_spec(cfg.env.id, cfg.policy.hidden))
     payload = ckpt.payload(
         cfg=cfg, learner=learner.state_dict(), progress=Progress().__dict__, inflight=[]
     )
     ckpt.save(tmp_path / "checkpoints" / "latest.pt", payload)
-    proc = gogepo("eval", str(tmp_path), "--context", "1.0")
-    assert proc.returncode == 2
-    assert "was not trained as a task family" in proc.stderr and proc.stderr.count("\n") == 1
+    assert main(["eval", str(tmp_path), "--context", "1.0"]) == 2
+    err = capsys.readouterr().err
+    assert "was not trained as a task family" in err and err.count("\n") == 1
