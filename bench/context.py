@@ -16,6 +16,10 @@ with a 1-thread learner on its own core):
     improving (no new best by more than 1% of the return range in ``--patience``
     evaluations) or ``--oracle-steps``; its best evaluation is the upper bound.
 
+With ``--reuse``, a run whose directory already holds a summary.json and the very same
+config.yaml is read back instead of trained again (an interrupted bench goes on where
+it stopped; oracle runs do not depend on the family settings).
+
 Normalised score per held-out task: (zero-shot − blind) / (oracle − blind); 1 matches the
 oracle, 0 is no better than one policy for every task. Writes JSON (with the CPU flags)
 and a markdown table to ``bench/results/`` (or ``--out``). For HalfCheetahVel it also
@@ -82,7 +86,9 @@ class _Evals:
         return max(means[-self.patience :]) <= before + self.tol
 
 
-def train(name: str, config: str, overrides: list[str], out: Path, patience: int | None) -> dict:
+def train(
+    name: str, config: str, overrides: list[str], out: Path, patience: int | None, reuse: bool
+) -> dict:
     cfg = load_config(
         config,
         [
@@ -94,9 +100,15 @@ def train(name: str, config: str, overrides: list[str], out: Path, patience: int
             "run.checkpoint_every=100000000",
         ],
     )
+    run_dir = out / "runs" / name
+    done = run_dir / "summary.json"
+    if reuse and done.is_file() and (run_dir / "config.yaml").read_text() == cfg.to_yaml():
+        summary = json.loads(done.read_text())
+        say(f"reused {name}: {summary['env_steps']} steps, {summary['wall_seconds']:.0f} s")
+        return result_row(name, summary, [(s, m) for s, m in summary["eval_history"]])
     tol = 0.01 * (cfg.env.return_max - cfg.env.return_min)
     evals = _Evals(name, tol, patience or 0)
-    trainer = Trainer(cfg, run_dir=out / "runs" / name, callbacks=[evals, JsonlMetrics()])
+    trainer = Trainer(cfg, run_dir=run_dir, callbacks=[evals, JsonlMetrics()])
     try:
         while trainer.progress.env_steps < cfg.run.total_env_steps:
             trainer.run_until(
@@ -108,14 +120,18 @@ def train(name: str, config: str, overrides: list[str], out: Path, patience: int
     finally:
         trainer.shutdown()
     say(f"done {name}: {summary['env_steps']} steps, {summary['wall_seconds']:.0f} s")
+    return result_row(name, summary, evals.history)
+
+
+def result_row(name: str, summary: dict, history: list[tuple[int, float]]) -> dict:
     return {
         "name": name,
         "env_steps": summary["env_steps"],
         "wall_seconds": round(summary["wall_seconds"], 1),
         "final_eval_return": summary["final_eval_return"],
-        "best_eval_return": max((m for _, m in evals.history if np.isfinite(m)), default=None),
+        "best_eval_return": max((m for _, m in history if np.isfinite(m)), default=None),
         "heldout": summary.get("heldout"),
-        "eval_history": [[s, round(m, 2)] for s, m in evals.history],
+        "eval_history": [[s, round(m, 2)] for s, m in history],
         "run_dir": summary["run_dir"],
     }
 
@@ -167,6 +183,9 @@ def main() -> int:
     p.add_argument("--parallel", type=int, default=2, help="runs at a time (one core each)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--out", default=None, help="output stem (default bench/results/context-<env>)")
+    p.add_argument(
+        "--reuse", action="store_true", help="read back finished runs of the same config"
+    )
     args = p.parse_args()
 
     base = load_config(args.config, args.overrides)
@@ -198,7 +217,8 @@ def main() -> int:
     t0 = time.perf_counter()
     with ThreadPoolExecutor(args.parallel) as pool:
         futures = {
-            name: pool.submit(train, name, args.config, ov, out_dir, pat) for name, ov, pat in jobs
+            name: pool.submit(train, name, args.config, ov, out_dir, pat, args.reuse)
+            for name, ov, pat in jobs
         }
         runs = {name: f.result() for name, f in futures.items()}
     ray.shutdown()

@@ -205,7 +205,7 @@ class ContextConfig(_Section):
     """Training distribution of contexts: ``{low: [..], high: [..]}`` or ``{points: [[..], ..]}``."""
     heldout: list[list[float]]
     """Held-out contexts, never trained on: evaluated with G(best(x), x) (``eval/heldout_return_mean``). A list of numbers for 1-D."""
-    neighbours: int = Field(default=10, ge=1)
+    neighbours: int = Field(default=50, ge=1)
     """The best return of a context is the highest among this many buffer entries with the nearest contexts."""
     blind: bool = False
     """Withhold the context from G and V (episodes still run on sampled tasks): the context-blind baseline, one policy for every task."""

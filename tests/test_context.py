@@ -145,7 +145,7 @@ def test_training_contexts_come_from_the_box_or_the_list():
 
 # ---------------------------------------------------------------------- the learner
 def test_family_learner_explores_every_task_and_evaluates_the_heldout_ones():
-    cfg, spec = point_goal("exploration.drive=5")
+    cfg, spec = point_goal("exploration.drive=5", "context.neighbours=10")
     learner = make_learner(cfg, spec)
     pb = learner.propose(64)
     assert pb.contexts.shape == (64, 2)
