@@ -33,6 +33,10 @@ def _add_overrides(p: argparse.ArgumentParser, hint: str) -> None:
     )
 
 
+def _add_command(p: argparse.ArgumentParser, hint: str) -> None:
+    p.add_argument("--command", type=float, default=None, help=f"desired return ({hint})")
+
+
 def _add_context(p: argparse.ArgumentParser, hint: str) -> None:
     p.add_argument(
         "--context",
@@ -62,11 +66,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 def _add_checkpoint_cmds(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="evaluate G(command) from a checkpoint")
     p.add_argument("checkpoint", help="checkpoint file or run directory")
-    p.add_argument(
-        "--command",
-        type=float,
-        default=None,
-        help="desired return (default: best training return; for a task family the estimated best of the context)",
+    _add_command(
+        p, "default: best training return; for a task family the estimated best of the context"
     )
     _add_context(p, "default: every held-out context")
     p.add_argument("--episodes", type=int, default=10)
@@ -85,12 +86,7 @@ def _add_checkpoint_cmds(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("export", help="write G(command) as a standalone torch policy file")
     p.add_argument("checkpoint", help="checkpoint file or run directory")
-    p.add_argument(
-        "--command",
-        type=float,
-        default=None,
-        help="desired return (GoGePo runs; ARS runs take none)",
-    )
+    _add_command(p, "GoGePo runs; ARS runs take none")
     _add_context(p, "required there")
     p.add_argument("--out", required=True, help="output file, e.g. policy.pt")
 
@@ -104,12 +100,7 @@ def _add_views(sub: argparse._SubParsersAction) -> None:
         "'Rendering' lists the system packages each needs.",
     )
     p.add_argument("checkpoint", help="checkpoint file or run directory")
-    p.add_argument(
-        "--command",
-        type=float,
-        default=None,
-        help="desired return (default: best training return; ARS policies take none)",
-    )
+    _add_command(p, "default: best training return; ARS policies take none")
     _add_context(p, "default: the first held-out context")
     p.add_argument("--episodes", type=int, default=1, help="episodes, one after the other")
     p.add_argument("--max-steps", type=int, default=None, help="at most this many steps an episode")
@@ -579,11 +570,7 @@ def cmd_render(args: argparse.Namespace) -> int:
     result = render_policy(
         cfg,
         spec,
-        lambda: (
-            learner.propose_eval(commands, 1)
-            if context is None
-            else learner.propose_eval(commands, 1, context)
-        ),
+        lambda: learner.propose_eval(commands, 1, context),
         Path(args.out) if args.out else run_dir / "policy.mp4",
         episodes=args.episodes,
         max_steps=args.max_steps,

@@ -43,11 +43,9 @@ def build_policy(
     nn.Sequential. For a learner whose policy takes no command (ARS) ``command`` is None;
     ``context`` (the task, a task-family run only) is None elsewhere."""
     spec = learner.spec
-    commands = None if command is None else [command]
-    if context is None:
-        batch = learner.propose_eval(commands, episodes=1)
-    else:
-        batch = learner.propose_eval(commands, 1, [list(map(float, context))])
+    batch = learner.propose_eval(
+        None if command is None else [command], 1, None if context is None else [list(context)]
+    )
     params = torch.from_numpy(batch.policy_params[0])
     seq = to_sequential(spec, params)
     mean, std = (torch.from_numpy(a) for a in batch.normalizer())

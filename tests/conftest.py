@@ -93,16 +93,25 @@ def tracked_run(cfg, uri: str, experiment: str) -> tuple[dict, str]:
     """Train ``cfg`` to its total_env_steps on the session's Ray, with metrics.jsonl and an
     MLflow run in ``uri``; returns the summary and the MLflow run id."""
     from gogepo_ray.callbacks import JsonlMetrics, MLflowTracker
-    from gogepo_ray.trainer import Trainer
 
     tracker = MLflowTracker(tracking_uri=uri, experiment=experiment)
-    trainer = Trainer(cfg, callbacks=[JsonlMetrics(), tracker])
+    summary, _ = train_to_end(cfg, [JsonlMetrics(), tracker])
+    return summary, tracker.run_id
+
+
+def train_to_end(cfg, callbacks: list | None = None):
+    """Train ``cfg`` to its total_env_steps on the session's Ray and finish the run (final
+    evaluation, checkpoint, sweep); the actors are stopped either way. Returns the summary
+    and the Trainer (its run_dir and progress stay readable)."""
+    from gogepo_ray.trainer import Trainer
+
+    trainer = Trainer(cfg, callbacks=callbacks)
     try:
         trainer.run_until(cfg.run.total_env_steps)
         summary = trainer.finish()
     finally:
         trainer.shutdown()
-    return summary, tracker.run_id
+    return summary, trainer
 
 
 def make_batch(pb, returns, lengths=None, failures=None, obs=None):

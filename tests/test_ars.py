@@ -21,7 +21,7 @@ from gogepo_ray.core import make_learner, takes_commands
 from gogepo_ray.core.ars import ArsLearner, ars_step, directions, initial_policy_params
 from gogepo_ray.envs import policy_spec
 from gogepo_ray.trainer import Trainer, resume_trainer
-from tests.conftest import ROOT, assert_same_state, make_batch
+from tests.conftest import ROOT, assert_same_state, make_batch, train_to_end
 
 ARS_IP = str(ROOT / "configs" / "ars_inverted_pendulum.yaml")
 
@@ -195,12 +195,7 @@ def test_ars_learns_inverted_pendulum_on_a_real_local_ray(ray_session, tmp_path)
             "tracking.enabled=false",
         ],
     )
-    trainer = Trainer(cfg)
-    try:
-        trainer.run_until(cfg.run.total_env_steps)
-        summary = trainer.finish()
-    finally:
-        trainer.shutdown()
+    summary, trainer = train_to_end(cfg)
     evals = [m for _, m in summary["eval_history"]]
     # θ_0 = 0 holds the pole for about 25 steps; ARS balances it for the whole 200 within
     # about 8k steps (seeds 0-2); a policy that learned nothing stays near 25.

@@ -25,7 +25,7 @@ from gogepo_ray.envs import policy_spec
 from gogepo_ray.errors import TrainingError
 from gogepo_ray.rollout import Rollouts
 from gogepo_ray.trainer import Trainer
-from tests.conftest import TINY, run_gogepo
+from tests.conftest import TINY, run_gogepo, train_to_end
 from tests.servers import free_ports, start_mlflow_server, stop_server
 
 
@@ -155,12 +155,7 @@ def test_end_of_training_sweep_leaves_failed_episodes_out(ray_session, tmp_path)
         "run.eval_episodes=4",
         "run.sweep_commands=8",
     )
-    trainer = Trainer(cfg)
-    try:
-        trainer.run_until(cfg.run.total_env_steps)
-        summary = trainer.finish()
-    finally:
-        trainer.shutdown()
+    summary, trainer = train_to_end(cfg)
     saved = json.loads((trainer.run_dir / "summary.json").read_text())
     assert saved["sweep_failed_episodes"] == summary["sweep_failed_episodes"] > 0
     assert 0 <= saved["final_eval_failed_episodes"] <= cfg.run.eval_episodes

@@ -135,8 +135,13 @@ class ArsLearner(StreamingLearner):
     def eval_command(self) -> float:
         return float("nan")  # ARS policies take no command
 
-    def propose_eval(self, commands: list[float] | None = None, episodes: int = 1) -> ParamBatch:
-        """``episodes`` copies of θ_k (one set per command given; the commands are ignored)."""
+    def propose_eval(
+        self, commands: list[float] | None = None, episodes: int = 1, contexts=None
+    ) -> ParamBatch:
+        """``episodes`` copies of θ_k (one set per command given; the commands are ignored).
+        ARS trains one policy for one task: it takes no context."""
+        if contexts is not None:
+            raise ValueError("an ARS run is not on a task family; it takes no context")
         n = episodes * (1 if commands is None else len(commands))
         ids = np.arange(self.next_eval_id, self.next_eval_id + n, dtype=np.int64)
         self.next_eval_id += n

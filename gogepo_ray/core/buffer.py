@@ -29,11 +29,10 @@ class ReplayBuffer:
         self.recency_exponent = recency_exponent
         self.context_dim = context_dim
         self._params: list[torch.Tensor] = []  # ring storage, each (D,)
-        self._returns: list[float] = []
-        # contexts and returns also as tensors in the ring's slots, for nearest-neighbour
-        # queries over the whole buffer (``core.context``); grown like the lists
+        # returns and contexts as tensors over the same slots (nearest-neighbour queries of
+        # ``core.context`` read them whole); grown by doubling up to the capacity
+        self._returns = torch.zeros(0, dtype=torch.float64)
         self._contexts = torch.zeros(0, context_dim)
-        self._returns_t = torch.zeros(0, dtype=torch.float64)
         self._head = 0  # slot of the next write once full
         self.total_added = 0
         ages = torch.arange(1, capacity + 1, dtype=torch.float64)
@@ -59,28 +58,26 @@ class ReplayBuffer:
         if len(self._params) < self.capacity:
             slot = len(self._params)
             self._params.append(p)
-            self._returns.append(float(episode_return))
-            if slot >= len(self._returns_t):  # grow by doubling, up to the capacity
+            if slot >= len(self._returns):  # grow by doubling, up to the capacity
                 size = min(self.capacity, max(16, 2 * slot))
                 self._contexts = torch.cat(
                     [self._contexts, torch.zeros(size - slot, self.context_dim)]
                 )
-                self._returns_t = torch.cat(
-                    [self._returns_t, torch.zeros(size - slot, dtype=torch.float64)]
+                self._returns = torch.cat(
+                    [self._returns, torch.zeros(size - slot, dtype=torch.float64)]
                 )
         else:
             slot = self._head
             self._params[slot] = p
-            self._returns[slot] = float(episode_return)
             self._head = (self._head + 1) % self.capacity
         self._contexts[slot] = x.reshape(-1)
-        self._returns_t[slot] = float(episode_return)
+        self._returns[slot] = float(episode_return)
         self.total_added += 1
 
     def contexts_and_returns(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Every stored entry's context (n, context_dim) and return (n,), in slot order."""
         n = len(self)
-        return self._contexts[:n], self._returns_t[:n]
+        return self._contexts[:n], self._returns[:n]
 
     def _slot_of_age(self, ages: torch.Tensor) -> torch.Tensor:
         """Storage slot of entries with age k (k = 1 newest)."""
@@ -107,15 +104,14 @@ class ReplayBuffer:
         )
         slots = self._slot_of_age(ages).tolist()
         params = torch.stack([self._params[s] for s in slots])
-        returns = torch.tensor([self._returns[s] for s in slots], dtype=torch.float32)
-        return params, returns, self._contexts[slots]
+        return params, self._returns[slots].float(), self._contexts[slots]
 
     def returns_in_order(self) -> list[float]:
         """All stored returns, oldest first."""
         n = len(self)
         if n < self.capacity:
-            return list(self._returns)
-        return self._returns[self._head :] + self._returns[: self._head]
+            return self._returns[:n].tolist()
+        return torch.cat([self._returns[self._head :], self._returns[: self._head]]).tolist()
 
     def state_dict(self) -> dict:
         n = len(self)
@@ -129,7 +125,7 @@ class ReplayBuffer:
         )
         state = {
             "params": params,  # (n, D), oldest first
-            "returns": torch.tensor([self._returns[i] for i in order], dtype=torch.float64),
+            "returns": self._returns[order] if n else torch.zeros(0, dtype=torch.float64),
             "total_added": self.total_added,
         }
         if self.context_dim:  # (n, k), oldest first; runs without contexts keep their format
@@ -147,9 +143,9 @@ class ReplayBuffer:
             raise ValueError(
                 f"buffer holds contexts of {contexts.shape[1]} values, this run's have {self.context_dim}"
             )
-        self._params, self._returns, self._head = [], [], 0
+        self._params, self._head = [], 0
+        self._returns = torch.zeros(0, dtype=torch.float64)
         self._contexts = torch.zeros(0, self.context_dim)
-        self._returns_t = torch.zeros(0, dtype=torch.float64)
         keep = slice(-self.capacity, None)
         for p, r, x in zip(params[keep], returns[keep].tolist(), contexts[keep]):
             self.add(p, r, x)

@@ -52,8 +52,6 @@ class LearnerActor:
     def propose_eval(
         self, commands: list[float] | None = None, episodes: int = 1, contexts=None
     ) -> ParamBatch:
-        if contexts is None:  # ARS takes no contexts
-            return self.learner.propose_eval(commands, episodes)
         return self.learner.propose_eval(commands, episodes, contexts)
 
     def stats(self) -> LearnerStats:
