@@ -109,6 +109,18 @@ def test_learning_bench_profiles_parse_and_plot(tmp_path):
     assert (tmp_path / "both.png").stat().st_size > 10_000
 
 
+def test_context_bench_scripted_reference_reaches_the_goal():
+    """The PointGoal yardstick: straight at the goal at full speed, then still; far better
+    than standing still (return −100·distance), and none for families without one."""
+    bench = _load("context")
+    near = bench.scripted_return("PointGoal-v0", [0.3, 0.7])
+    far = bench.scripted_return("PointGoal-v0", [-1.15, 1.15])
+    assert -3.0 < near < -1.0  # 8 steps of travel, then 0 per step
+    assert far < near
+    assert far > -100 * (1.15**2 + 1.15**2) ** 0.5 / 5
+    assert bench.scripted_return("HalfCheetahVel-v0", [1.0]) is None
+
+
 @pytest.mark.e2e
 def test_scaling_bench_runs_the_trainer_on_the_slow_env(tmp_path, ray_session):
     bench = _load("scaling")

@@ -18,13 +18,12 @@ from tests.conftest import ROOT, run_gogepo, tracked_run
 pytestmark = pytest.mark.e2e
 
 STEPS = 40_000
-# CI-sized: 2 workers, a 1-round-per-2-episodes schedule and a faster generator than the
-# shipped config, so that held-out goals improve within a minute or two of training.
+# CI-sized: the shipped config (a linear policy, cheap learner rounds) with 2 workers and
+# frequent evaluations of one episode each, so that held-out goals improve within a minute
+# or two of training.
 FAST = [
     "run.workers=2",
     "run.seed=0",
-    "learner.updates_per_episode=0.5",
-    "generator.lr=3e-4",
     "run.eval_every=5000",
     "run.eval_episodes=1",
     "run.sweep_commands=4",
