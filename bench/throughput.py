@@ -7,8 +7,13 @@ For every env, one process on one core (torch and BLAS pinned to 1 thread) measu
   - raw:    ``gym.make(id).step(zeros)`` in a loop, resetting when an episode ends;
   - worker: ``Rollouts.run`` (the rollout actor's body) on training batches of
             ``envs`` random policies, with observation statistics following every step,
-            exactly as a worker runs them during training.
-Both use the same env kwargs. Hopper is built with ``terminate_when_unhealthy=False`` so
+            exactly as a worker runs them during training;
+  - replay: the same plain env stepping through the actions the worker's first policy
+            took in one episode, from the same reset seed: the worker's own trajectory
+            and physics (a moving body makes more contacts than one lying still), with
+            no policy and no worker around it.
+The target is worker / raw; worker / replay says how much of the gap is the worker's own
+work and how much is the physics of moving. All use the same env kwargs. Hopper is built with ``terminate_when_unhealthy=False`` so
 that episodes are long (1000 steps) whatever the policy does: the figure is the per-step
 cost, not the reset cost. Prints a table and writes JSON (with the CPU's flags) to
 ``bench/results/`` (or ``--out``).
@@ -56,8 +61,24 @@ def raw_rate(env_id: str, kwargs: dict, seconds: float) -> float:
     return rate
 
 
+def replay_rate(env_id: str, kwargs: dict, seed: int, actions: list, seconds: float) -> float:
+    """``env.step`` calls per second of a plain ``gym.make`` env replaying ``actions`` from
+    a reset with ``seed``, over and over."""
+    env = gym.make(env_id, **kwargs)
+    steps, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        env.reset(seed=seed)
+        for action in actions:
+            env.step(action)
+        steps += len(actions)
+    rate = steps / (time.perf_counter() - start)
+    env.close()
+    return rate
+
+
 def worker_rate(env_id: str, kwargs: dict, hidden: list[int], envs: int, seconds: float) -> dict:
-    """Env steps per second of ``Rollouts.run`` on training batches of ``envs`` policies."""
+    """Env steps per second of ``Rollouts.run`` on training batches of ``envs`` policies,
+    and the actions its first policy took in one untimed episode (for :func:`replay_rate`)."""
     spec = policy_spec(env_id, hidden, kwargs)
     rng = np.random.default_rng(0)
     # Weights scaled by 1/sqrt(fan_in), as a fresh generator writes them.
@@ -82,6 +103,12 @@ def worker_rate(env_id: str, kwargs: dict, hidden: list[int], envs: int, seconds
         )
 
     rollouts.run(batch(0))  # untimed: envs built, compiled code loaded
+    # untimed: record env 0's actions in one episode, for the replay
+    env0, actions = rollouts.envs[0], []
+    env0.step = lambda a, _step=env0.step: (actions.append(np.array(a)), _step(a))[1]
+    first = batch(envs)
+    rollouts.run(first)
+    del env0.step
     steps, batches, start, i = 0, 0, time.perf_counter(), envs
     while time.perf_counter() - start < seconds or batches == 0:
         result = rollouts.run(batch(i))
@@ -90,7 +117,12 @@ def worker_rate(env_id: str, kwargs: dict, hidden: list[int], envs: int, seconds
         i += envs
     elapsed = time.perf_counter() - start
     rollouts.close()
-    return {"steps": steps, "batches": batches, "steps_per_second": steps / elapsed}
+    return {
+        "steps": steps,
+        "batches": batches,
+        "steps_per_second": steps / elapsed,
+        "replay": (int(first.seeds[0]), actions),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -110,12 +142,14 @@ def main(argv: list[str] | None = None) -> int:
         kwargs = LONG_EPISODES.get(env_id, {})
         for n in args.envs:
             # Alternate the two measurements so that a slow patch of the machine hits both.
-            raw, worker = [], []
+            raw, worker, replay = [], [], []
             for _ in range(args.rounds):
                 raw.append(raw_rate(env_id, kwargs, args.seconds))
                 worker.append(worker_rate(env_id, kwargs, args.hidden, n, args.seconds))
+                replay.append(replay_rate(env_id, kwargs, *worker[-1]["replay"], args.seconds))
             raw_med = statistics.median(raw)
             worker_med = statistics.median(w["steps_per_second"] for w in worker)
+            replay_med = statistics.median(replay)
             rows.append(
                 {
                     "env_id": env_id,
@@ -124,8 +158,11 @@ def main(argv: list[str] | None = None) -> int:
                     "raw_steps_per_second": round(raw_med, 1),
                     "worker_steps_per_second": round(worker_med, 1),
                     "ratio": round(worker_med / raw_med, 3),
+                    "replay_steps_per_second": round(replay_med, 1),
+                    "ratio_to_replay": round(worker_med / replay_med, 3),
                     "raw_rounds": [round(r, 1) for r in raw],
                     "worker_rounds": [round(w["steps_per_second"], 1) for w in worker],
+                    "replay_rounds": [round(r, 1) for r in replay],
                 }
             )
     result = {
@@ -149,11 +186,15 @@ def main(argv: list[str] | None = None) -> int:
         f"policy hidden {args.hidden}, 1 core, medians of {args.rounds} alternating rounds "
         f"of {args.seconds:g} s"
     )
-    print(f"{'env':>16} {'envs':>4} {'raw steps/s':>12} {'worker steps/s':>15} {'ratio':>6}")
+    print(
+        f"{'env':>16} {'envs':>4} {'raw steps/s':>12} {'worker steps/s':>15} {'ratio':>6} "
+        f"{'replay steps/s':>15} {'worker/replay':>13}"
+    )
     for r in rows:
         print(
             f"{r['env_id']:>16} {r['envs_per_worker']:>4} {r['raw_steps_per_second']:>12.0f} "
-            f"{r['worker_steps_per_second']:>15.0f} {r['ratio']:>6.2f}"
+            f"{r['worker_steps_per_second']:>15.0f} {r['ratio']:>6.2f} "
+            f"{r['replay_steps_per_second']:>15.0f} {r['ratio_to_replay']:>13.2f}"
         )
     print(f"wrote {out}")
     return 0

@@ -75,6 +75,10 @@ def test_throughput_bench_measures_raw_and_worker_rates(tmp_path, capsys):
         assert row["ratio"] == round(
             row["worker_steps_per_second"] / row["raw_steps_per_second"], 3
         )
+        assert row["replay_steps_per_second"] > 0
+        assert row["ratio_to_replay"] == round(
+            row["worker_steps_per_second"] / row["replay_steps_per_second"], 3
+        )
     assert "model" in result["cpu"] and "ratio" in capsys.readouterr().out
 
 
