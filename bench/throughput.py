@@ -10,12 +10,12 @@ For every env, one process on one core (torch and BLAS pinned to 1 thread) measu
             exactly as a worker runs them during training;
   - replay: the same plain env stepping through the actions the worker's first policy
             took in one episode, from the same reset seed: the worker's own trajectory
-            and physics (a moving body makes more contacts than one lying still), with
-            no policy and no worker around it.
-The target is worker / raw; worker / replay says how much of the gap is the worker's own
-work and how much is the physics of moving. All use the same env kwargs. Hopper is built with ``terminate_when_unhealthy=False`` so
-that episodes are long (1000 steps) whatever the policy does: the figure is the per-step
-cost, not the reset cost. Prints a table and writes JSON (with the CPU's flags) to
+            and physics, with no policy and no worker around it (a moving body does not
+            cost what one lying still does: on HalfCheetah it measured cheaper).
+The target is worker / raw; worker / replay is the worker's own overhead on its own
+trajectory. All use the same env kwargs. Hopper is built with
+``terminate_when_unhealthy=False`` so that episodes are long (1000 steps) whatever the
+policy does: the figure is the per-step cost, not the reset cost. Prints a table and writes JSON (with the CPU's flags) to
 ``bench/results/`` (or ``--out``).
 """
 
