@@ -3,6 +3,7 @@
     python bench/learner_step.py configs/inverted_pendulum.yaml --threads 1 2 --precision fp32 bf16
     python bench/learner_step.py configs/inverted_pendulum.yaml configs/hopper.yaml \
         --baseline /tmp/old-checkout        # the same figures for another checkout, side by side
+    python bench/learner_step.py configs/hopper.yaml --device cuda --threads 1   # a GPU learner
 
 Builds the real ``Learner`` for the config's env and network sizes, fills its buffer with
 ``--fill`` random policies, and times ``update(1)`` (the configured critic steps, then the
@@ -33,8 +34,8 @@ import torch
 
 from gogepo_ray.config import load_config
 from gogepo_ray.core.learner import Learner
-from gogepo_ray.distributed.actors import LEARNER_ENV
 from gogepo_ray.envs import policy_spec
+from gogepo_ray.sysinfo import LEARNER_ENV
 
 
 def time_updates(
@@ -45,23 +46,36 @@ def time_updates(
     fill: int,
     warmup: int,
     repeats: int,
+    device: str = "cpu",
 ) -> dict:
     cfg = load_config(
-        config, [*overrides, f"learner.num_threads={threads}", f"learner.precision={precision}"]
+        config,
+        [
+            *overrides,
+            f"learner.num_threads={threads}",
+            f"learner.precision={precision}",
+            f"learner.device={device}",
+        ],
     )
     spec = policy_spec(cfg.env.id, cfg.policy.hidden, cfg.env.kwargs)
     learner = Learner(cfg, spec)
     gen = torch.Generator().manual_seed(0)
     for i in range(fill):
         learner.buffer.add(0.1 * torch.randn(spec.num_params, generator=gen), float(i % 1000))
+    # Every step reads its loss back (.item()), so a GPU round is finished when update
+    # returns; the synchronize makes that explicit rather than a side effect.
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     for _ in range(warmup):
         learner.update(1)
+    sync()
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
         learner.update(1)
+        sync()
         times.append(time.perf_counter() - t)
     return {
+        "device": device,
         "threads": threads,
         "precision": precision,
         "policy_params": spec.num_params,
@@ -80,7 +94,14 @@ def measure_all(args) -> list[dict]:
         for t in args.threads:
             for p in args.precision:
                 row = time_updates(
-                    config, args.overrides, t, p, args.fill, args.warmup, args.repeats
+                    config,
+                    args.overrides,
+                    t,
+                    p,
+                    args.fill,
+                    args.warmup,
+                    args.repeats,
+                    args.device,
                 )
                 rows.append({"config": config, "env_id": env_id, **row})
     return rows
@@ -90,7 +111,8 @@ def measure_baseline(directory: str, argv: list[str]) -> list[dict]:
     """The same measurements with ``gogepo_ray`` imported from another checkout."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "rows.json"
-        env = {**os.environ, "PYTHONPATH": str(Path(directory).resolve())}
+        path = [str(Path(directory).resolve()), os.environ.get("PYTHONPATH", "")]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in path if p)}
         subprocess.run(
             [sys.executable, __file__, *argv, "--rows-only", "--out", str(out)], env=env, check=True
         )
@@ -108,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("config", nargs="*", default=["configs/inverted_pendulum.yaml"])
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--precision", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"])
+    ap.add_argument("--device", default="cpu", help="learner device: cpu, cuda or cuda:N")
     ap.add_argument("--fill", type=int, default=200, help="random policies put in the buffer first")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=10)
@@ -134,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
         "configs": args.config,
         "overrides": args.overrides,
         "cpu": cpu_info(),
+        "device": args.device,
+        "gpu": torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else None,
+        "torch": torch.__version__,
         "malloc_env": {k: os.environ.get(k) for k in LEARNER_ENV},
         "rows": rows,
         "baseline_dir": args.baseline,
@@ -143,11 +169,11 @@ def main(argv: list[str] | None = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     out = Path(args.out) if args.out else out_dir / f"learner-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.write_text(json.dumps(result, indent=2))
-    head = f"{'env':>20} {'threads':>7} {'precision':>9} {'s/episode (median)':>19} {'min':>7}"
+    head = f"{'config':>22} {'device':>6} {'threads':>7} {'precision':>9} {'s/episode (median)':>19} {'min':>7}"
     print(head + (f" {'baseline median':>15} {'speed-up':>8}" if baseline else ""))
     for k, r in enumerate(rows):
         line = (
-            f"{r['env_id']:>20} {r['threads']:>7} {r['precision']:>9} "
+            f"{Path(r['config']).stem:>22} {r.get('device', 'cpu'):>6} {r['threads']:>7} {r['precision']:>9} "
             f"{r['seconds_per_episode_median']:>19.3f} {r['seconds_per_episode_min']:>7.3f}"
         )
         if baseline:

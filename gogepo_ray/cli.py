@@ -269,12 +269,18 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _local_learner(path: str):
+    import torch
+
     from gogepo_ray import checkpoint as ckpt
     from gogepo_ray.core import make_learner
     from gogepo_ray.envs import policy_spec
 
     payload = ckpt.load(path)
     cfg = ckpt.config_of(payload)
+    if cfg.learner.device != "cpu" and not torch.cuda.is_available():
+        # A run trained with a GPU learner is evaluated, swept and exported anywhere: the
+        # checkpoint's tensors are on the CPU, and so is this learner.
+        cfg = cfg.model_copy(update={"learner": cfg.learner.model_copy(update={"device": "cpu"})})
     spec = policy_spec(cfg.env.id, cfg.policy.hidden, cfg.env.kwargs)
     learner = make_learner(cfg, spec)
     try:

@@ -234,7 +234,8 @@ class ContextConfig(_Section):
 
 class LearnerConfig(_Section):
     device: str = "cpu"
-    """Torch device of the learner: ``cpu`` or ``cuda`` (the learner actor then asks Ray for a GPU)."""
+    """Torch device of the learner: ``cpu`` or ``cuda`` (the learner actor then asks Ray for a GPU,
+    and replays its critic and generator steps as CUDA graphs)."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """Arithmetic of the generator's hypernetworks and the critic's fingerprint: bf16 autocast
     (parameters, optimiser state, predicted returns and losses stay fp32). ``auto``: bf16 on a GPU,

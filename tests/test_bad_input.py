@@ -234,6 +234,21 @@ def test_cuda_learner_without_a_gpu_stops_instead_of_waiting(tmp_path):
     assert "Traceback" not in res.stderr
 
 
+def test_checkpoint_of_a_gpu_learner_is_used_on_a_machine_without_one(small_checkpoint, tmp_path):
+    """A run trained with learner.device=cuda (its checkpoint's tensors are on the CPU, see
+    tests/test_gpu.py) is exported and evaluated on a laptop: the local learner falls back
+    to the CPU instead of failing in torch."""
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the checkpoint's device is usable as it is")
+    payload = ckpt.load(small_checkpoint)
+    payload["config"]["learner"]["device"] = "cuda"
+    gpu_run = ckpt.save(tmp_path / "gpu.pt", payload)
+    out = tmp_path / "policy.pt"
+    res = gogepo("export", str(gpu_run), "--command", "1", "--out", str(out), cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert out.is_file()
+
+
 # On a Ray instance that declares one GPU (real or not): the GPU is taken by another actor,
 # so the learner actor can only wait, and its pending request shows what it asked Ray for;
 # then the GPU is freed and the learner starts, or on a machine without CUDA fails in torch.

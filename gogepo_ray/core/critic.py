@@ -47,6 +47,9 @@ class Critic(nn.Module):
         self.context_dim = context_dim
         self.probing_states = nn.Parameter(torch.rand(probing_states, spec.obs_dim))  # (P, obs_dim)
         self.head = mlp([probing_states * spec.act_dim + context_dim, *hidden, 1])
+        # on the critic's device, outside its state dict (they are the env's, not learned)
+        self.register_buffer("action_low", torch.tensor(spec.action_low), persistent=False)
+        self.register_buffer("action_high", torch.tensor(spec.action_high), persistent=False)
 
     def fingerprint(self, policy_params: torch.Tensor | Layers) -> torch.Tensor:
         """(B, D) flat or per-layer -> (B, P * act_dim): the policies' actions on the probing states."""
@@ -57,7 +60,9 @@ class Critic(nn.Module):
             else nullcontext()
         )
         with autocast:
-            actions = policy_actions(self.spec, policy_params, states)  # (B, P, act_dim)
+            actions = policy_actions(
+                self.spec, policy_params, states, (self.action_low, self.action_high)
+            )  # (B, P, act_dim)
         return actions.reshape(actions.shape[0], -1).float()
 
     def forward(

@@ -93,12 +93,22 @@ def policy_preactivation(
 
 
 def policy_actions(
-    spec: PolicySpec, policy_params: torch.Tensor | Layers, obs: torch.Tensor
+    spec: PolicySpec,
+    policy_params: torch.Tensor | Layers,
+    obs: torch.Tensor,
+    bounds: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Actions within the env's bounds: (B, D), (B, N, obs_dim) -> (B, N, act_dim)."""
+    """Actions within the env's bounds: (B, D), (B, N, obs_dim) -> (B, N, act_dim).
+
+    ``bounds``: the action bounds as (low, high) tensors already on the device, which a
+    caller on a GPU passes (the critic does): made from ``spec`` here they are a host to
+    device copy on every call, which a CUDA graph cannot hold."""
     squashed = torch.tanh(policy_preactivation(spec, policy_params, obs))
-    low = torch.as_tensor(spec.action_low, dtype=squashed.dtype, device=squashed.device)
-    high = torch.as_tensor(spec.action_high, dtype=squashed.dtype, device=squashed.device)
+    if bounds is None:
+        low = torch.as_tensor(spec.action_low, dtype=squashed.dtype, device=squashed.device)
+        high = torch.as_tensor(spec.action_high, dtype=squashed.dtype, device=squashed.device)
+    else:
+        low, high = (t.to(squashed.dtype) for t in bounds)
     return low + (squashed + 1.0) * 0.5 * (high - low)
 
 

@@ -13,12 +13,8 @@ from gogepo_ray.config import Config, ConfigError
 from gogepo_ray.core import make_learner
 from gogepo_ray.core.policy import PolicySpec
 from gogepo_ray.rollout import Rollouts
+from gogepo_ray.sysinfo import LEARNER_ENV
 from gogepo_ray.types import EpisodeBatch, LearnerStats, ParamBatch
-
-# glibc returns large freed blocks to the OS at once, so every learner step page-faults
-# its (B·tiles, 256) activations in afresh. Keeping them costs a few hundred MB and makes
-# a generator step about 1.5x faster on CPU (measured; see README "Performance").
-LEARNER_ENV = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "1073741824"}
 
 
 def process_memory() -> dict[str, int]:
