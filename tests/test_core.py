@@ -880,6 +880,25 @@ def test_learner_state_dict_exact_resume(cfg, spec, tmp_path):
     assert np.array_equal(pa.commands, pb_.commands) and np.array_equal(pa.seeds, pb_.seeds)
 
 
+def test_optimiser_state_of_a_gpu_run_resumes_on_the_cpu(cfg, spec):
+    """A GPU learner's Adam groups are saved with capturable=True (its steps are CUDA
+    graphs); loaded on the CPU, where capturable steps are refused, the learner keeps its
+    own settings and steps (tests/test_gpu.py covers the real GPU both ways)."""
+    a = Learner(cfg, spec)
+    _run_a_bit(a, np.random.default_rng(3))
+    state = a.state_dict()
+    for opt in ("generator_opt", "critic_opt"):
+        for group in state[opt]["param_groups"]:
+            group["capturable"] = True  # as written by a learner on a GPU
+    b = Learner(cfg, spec)
+    b.load_state_dict(state)
+    assert not any(
+        g["capturable"] for g in b.generator_opt.param_groups + b.critic_opt.param_groups
+    )
+    closs, gloss = b.update(1)
+    assert np.isfinite(closs) and np.isfinite(gloss)
+
+
 # ====================================================================== import boundary
 def test_core_imports_no_heavy_frameworks():
     core = sorted(

@@ -73,7 +73,8 @@ def test_learner_learns_on_cuda_and_hands_out_cpu_state():
 
 
 def test_gpu_state_resumes_on_cpu_and_cpu_state_on_gpu():
-    """A checkpoint moves between devices both ways and writes the same policies."""
+    """A checkpoint moves between devices both ways, writes the same policies, and the
+    resumed learner keeps learning on its own device."""
     gpu = _learner("cuda", "fp32")
     _train(gpu, 4)
     cpu = _learner("cpu", "fp32")
@@ -82,16 +83,24 @@ def test_gpu_state_resumes_on_cpu_and_cpu_state_on_gpu():
     on_gpu = gpu.propose_eval(commands).policy_params
     on_cpu = cpu.propose_eval(commands).policy_params
     np.testing.assert_allclose(on_cpu, on_gpu, rtol=1e-4, atol=1e-5)
-    # ... and back: a CPU checkpoint resumed by a GPU learner keeps learning there.
+    # The GPU run resumes on the CPU: its optimisers step there (not capturable there).
+    assert not any(g["capturable"] for g in cpu.generator_opt.param_groups)
+    assert all(math.isfinite(loss) for loss in cpu.update(2))
+    # ... and a CPU run resumes on a GPU, its steps captured as CUDA graphs there.
+    cpu_run = _learner("cpu", "fp32")
+    _train(cpu_run, 4)
     back = _learner("cuda", "fp32")
-    back.load_state_dict(cpu.state_dict())
+    back.load_state_dict(cpu_run.state_dict())
     np.testing.assert_allclose(
-        back.propose_eval(commands).policy_params, on_cpu, rtol=1e-4, atol=1e-5
+        back.propose_eval(commands).policy_params,
+        cpu_run.propose_eval(commands).policy_params,
+        rtol=1e-4,
+        atol=1e-5,
     )
-    closs, gloss = back.update(2)
-    assert math.isfinite(closs) and math.isfinite(gloss)
+    assert all(math.isfinite(loss) for loss in back.update(2))
+    assert back._generator_update._graph is not None
     opt_state = back.generator_opt.state_dict()["state"]
-    assert all(v.is_cuda for s in opt_state.values() for k, v in s.items() if k != "step")
+    assert all(v.is_cuda for s in opt_state.values() for v in s.values())
 
 
 def _filled(learner: Learner, n: int = 200) -> Learner:

@@ -249,6 +249,17 @@ def _on_cpu(tree):
     return tree
 
 
+def _load_optimiser(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Load an optimiser's state saved on any device. torch takes every group setting from
+    the saved state, ``capturable`` and ``fused`` included, and those belong to the device
+    the state was saved on: a GPU run's ``capturable=True`` stops a CPU step, and a CPU
+    run's ``capturable=False`` stops a CUDA graph capture. This learner keeps its own."""
+    own = [{k: g[k] for k in ("capturable", "fused")} for g in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, settings in zip(optimizer.param_groups, own):
+        group.update(settings)
+
+
 class Learner(StreamingLearner):
     """All learning state of a run. The Ray learner actor wraps one of these."""
 
@@ -533,8 +544,8 @@ class Learner(StreamingLearner):
     def load_state_dict(self, state: dict) -> None:
         self.generator.load_state_dict(state["generator"])
         self.critic.load_state_dict(state["critic"])
-        self.generator_opt.load_state_dict(state["generator_opt"])
-        self.critic_opt.load_state_dict(state["critic_opt"])
+        _load_optimiser(self.generator_opt, state["generator_opt"])
+        _load_optimiser(self.critic_opt, state["critic_opt"])
         # The optimisers' state tensors are new objects: a captured step would update the old.
         self._critic_update.reset()
         self._generator_update.reset()
