@@ -13,7 +13,11 @@ For every env, one process on one core (torch and BLAS pinned to 1 thread) measu
             and physics, with no policy and no worker around it (a moving body does not
             cost what one lying still does: on HalfCheetah it measured cheaper).
 The target is worker / raw; worker / replay is the worker's own overhead on its own
-trajectory. All use the same env kwargs. Hopper is built with
+trajectory. The three are measured in rounds, one of each per round in a rotating order,
+and a ratio is the median over rounds of that round's ratio: a slow patch of a shared
+machine (single measurements here move by up to ±30%) then slows both sides of the ratio
+it lands in, instead of one side of a ratio of medians. The spread of the per-round ratios
+is reported with it, and so is the ratio of the best rates (best worker / best raw). All use the same env kwargs. Hopper is built with
 ``terminate_when_unhealthy=False`` so that episodes are long (1000 steps) whatever the
 policy does: the figure is the per-step cost, not the reset cost. Prints a table and writes JSON (with the CPU's flags) to
 ``bench/results/`` (or ``--out``).
@@ -125,46 +129,64 @@ def worker_rate(env_id: str, kwargs: dict, hidden: list[int], envs: int, seconds
     }
 
 
+def measure_row(env_id: str, envs: int, hidden: list[int], rounds: int, seconds: float) -> dict:
+    """``rounds`` rounds of raw, worker and replay rates (order rotated each round) for one
+    env and worker width; rates as medians, ratios as medians of per-round ratios."""
+    kwargs = LONG_EPISODES.get(env_id, {})
+    # The worker's policies and seeds are the same every round, and so is the trajectory.
+    trajectory = worker_rate(env_id, kwargs, hidden, envs, 0.0)["replay"]
+    raw, worker, replay = [], [], []
+    for k in range(rounds):
+        got: dict[str, float] = {}
+        for what in np.roll(["raw", "worker", "replay"], k):
+            if what == "raw":
+                got["raw"] = raw_rate(env_id, kwargs, seconds)
+            elif what == "worker":
+                got["worker"] = worker_rate(env_id, kwargs, hidden, envs, seconds)[
+                    "steps_per_second"
+                ]
+            else:
+                got["replay"] = replay_rate(env_id, kwargs, *trajectory, seconds)
+        raw.append(got["raw"])
+        worker.append(got["worker"])
+        replay.append(got["replay"])
+    to_raw = [w / r for w, r in zip(worker, raw)]
+    to_replay = [w / r for w, r in zip(worker, replay)]
+    return {
+        "env_id": env_id,
+        "env_kwargs": kwargs,
+        "envs_per_worker": envs,
+        "raw_steps_per_second": round(statistics.median(raw), 1),
+        "worker_steps_per_second": round(statistics.median(worker), 1),
+        "replay_steps_per_second": round(statistics.median(replay), 1),
+        "ratio": round(statistics.median(to_raw), 3),
+        "ratio_range": [round(min(to_raw), 3), round(max(to_raw), 3)],
+        "ratio_of_best": round(max(worker) / max(raw), 3),
+        "ratio_to_replay": round(statistics.median(to_replay), 3),
+        "ratio_to_replay_range": [round(min(to_replay), 3), round(max(to_replay), 3)],
+        "raw_rounds": [round(r, 1) for r in raw],
+        "worker_rounds": [round(w, 1) for w in worker],
+        "replay_rounds": [round(r, 1) for r in replay],
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--env", nargs="+", default=["HalfCheetah-v5", "Hopper-v5"])
     ap.add_argument("--envs", type=int, nargs="+", default=[1, 4], help="envs per worker")
     ap.add_argument("--hidden", type=int, nargs="+", default=[256, 256])
-    ap.add_argument("--seconds", type=float, default=4.0, help="per measurement")
+    ap.add_argument("--seconds", type=float, default=1.5, help="per measurement")
     ap.add_argument(
-        "--rounds", type=int, default=3, help="raw and worker measured alternately, medians kept"
+        "--rounds", type=int, default=9, help="rounds of raw, worker and replay, in rotating order"
     )
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    rows = []
-    for env_id in args.env:
-        kwargs = LONG_EPISODES.get(env_id, {})
-        for n in args.envs:
-            # Alternate the two measurements so that a slow patch of the machine hits both.
-            raw, worker, replay = [], [], []
-            for _ in range(args.rounds):
-                raw.append(raw_rate(env_id, kwargs, args.seconds))
-                worker.append(worker_rate(env_id, kwargs, args.hidden, n, args.seconds))
-                replay.append(replay_rate(env_id, kwargs, *worker[-1]["replay"], args.seconds))
-            raw_med = statistics.median(raw)
-            worker_med = statistics.median(w["steps_per_second"] for w in worker)
-            replay_med = statistics.median(replay)
-            rows.append(
-                {
-                    "env_id": env_id,
-                    "env_kwargs": kwargs,
-                    "envs_per_worker": n,
-                    "raw_steps_per_second": round(raw_med, 1),
-                    "worker_steps_per_second": round(worker_med, 1),
-                    "ratio": round(worker_med / raw_med, 3),
-                    "replay_steps_per_second": round(replay_med, 1),
-                    "ratio_to_replay": round(worker_med / replay_med, 3),
-                    "raw_rounds": [round(r, 1) for r in raw],
-                    "worker_rounds": [round(w["steps_per_second"], 1) for w in worker],
-                    "replay_rounds": [round(r, 1) for r in replay],
-                }
-            )
+    rows = [
+        measure_row(env_id, n, args.hidden, args.rounds, args.seconds)
+        for env_id in args.env
+        for n in args.envs
+    ]
     result = {
         "bench": "throughput",
         "hidden": args.hidden,
@@ -183,18 +205,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     out.write_text(json.dumps(result, indent=2))
     print(
-        f"policy hidden {args.hidden}, 1 core, medians of {args.rounds} alternating rounds "
-        f"of {args.seconds:g} s"
+        f"policy hidden {args.hidden}, 1 core, {args.rounds} rounds of {args.seconds:g} s per "
+        "measurement; ratios: median of the per-round ratios [lowest, highest round]"
     )
     print(
-        f"{'env':>16} {'envs':>4} {'raw steps/s':>12} {'worker steps/s':>15} {'ratio':>6} "
-        f"{'replay steps/s':>15} {'worker/replay':>13}"
+        f"{'env':>16} {'envs':>4} {'raw steps/s':>12} {'worker steps/s':>15} "
+        f"{'worker/raw':>19} {'best/best':>9} {'replay steps/s':>15} {'worker/replay':>19}"
     )
     for r in rows:
+        lo, hi = r["ratio_range"]
+        lo2, hi2 = r["ratio_to_replay_range"]
         print(
             f"{r['env_id']:>16} {r['envs_per_worker']:>4} {r['raw_steps_per_second']:>12.0f} "
-            f"{r['worker_steps_per_second']:>15.0f} {r['ratio']:>6.2f} "
-            f"{r['replay_steps_per_second']:>15.0f} {r['ratio_to_replay']:>13.2f}"
+            f"{r['worker_steps_per_second']:>15.0f} "
+            f"{r['ratio']:>6.2f} [{lo:.2f}, {hi:.2f}] {r['ratio_of_best']:>9.2f} "
+            f"{r['replay_steps_per_second']:>15.0f} {r['ratio_to_replay']:>6.2f} [{lo2:.2f}, {hi2:.2f}]"
         )
     print(f"wrote {out}")
     return 0
