@@ -82,7 +82,7 @@ class OptimiserStep:
     captured once as a CUDA graph and replayed on each call, the inputs copied into fixed
     buffers first. A learner step is thousands of small kernels: launched one by one from
     Python the GPU idles most of the time (measured on an H100 at the paper's Hopper sizes:
-    about 19 ms of GPU work in 160 ms per round, README "Performance"); a replay launches
+    about 19 ms of GPU work in 154 ms per round, README "Performance"); a replay launches
     them all at once. The maths is the eager step's: the warm-up steps that a capture needs
     are undone, so a graphed run learns exactly what an eager one would (tests/test_gpu.py).
 
@@ -107,11 +107,7 @@ class OptimiserStep:
 
     def __call__(self, *inputs: torch.Tensor | None) -> torch.Tensor:
         if not self.cuda_graph:
-            loss = self.loss_fn(*inputs)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
-            return loss.detach()
+            return self._step(inputs).detach()
         if self._graph is None:
             self._capture(inputs)
         for buf, x in zip(self._inputs, inputs):
@@ -120,9 +116,10 @@ class OptimiserStep:
         self._graph.replay()
         return self._loss
 
-    def _eager(self) -> torch.Tensor:
-        self.optimizer.zero_grad(set_to_none=True)
-        loss = self.loss_fn(*self._inputs)
+    def _step(self, inputs, zero_grad: bool = True) -> torch.Tensor:
+        if zero_grad:
+            self.optimizer.zero_grad(set_to_none=True)
+        loss = self.loss_fn(*inputs)
         loss.backward()
         self.optimizer.step()
         return loss
@@ -141,12 +138,14 @@ class OptimiserStep:
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(self.WARMUP):
-                self._eager()
+                self._step(self._inputs)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
+        # Gradients set to None outside the graph: backward inside it then writes them into
+        # the graph's own buffers on every replay instead of adding to them.
         self.optimizer.zero_grad(set_to_none=True)
         with torch.cuda.graph(graph):
-            loss = self._eager_captured()
+            loss = self._step(self._inputs, zero_grad=False)
         with torch.no_grad():
             for p, before in zip(self.params, params_before):
                 p.copy_(before)
@@ -157,14 +156,6 @@ class OptimiserStep:
                     else:
                         v.zero_()
         self._graph, self._loss = graph, loss.detach()
-
-    def _eager_captured(self) -> torch.Tensor:
-        # zero_grad(set_to_none) stays outside the graph: backward then writes the gradients
-        # into the graph's own buffers on every replay instead of adding to them.
-        loss = self.loss_fn(*self._inputs)
-        loss.backward()
-        self.optimizer.step()
-        return loss
 
 
 class StreamingLearner:
