@@ -176,7 +176,27 @@ def merge(paths: list[str], out: str | None) -> int:
     results = [json.loads(Path(p).read_text()) for p in paths]
     if len({r["env_id"] for r in results}) != 1:
         raise SystemExit("--merge: the result files are for different envs")
-    merged = {**results[0], "profiles": [p for r in results for p in r["profiles"]]}
+    # A profile run in several invocations (more seeds later, say) becomes one profile:
+    # same config, name and overrides. Each seed keeps the time cap it ran under.
+    profiles: list[dict] = []
+    for r in results:
+        for p in r["profiles"]:
+            config = p.get("config", r.get("config"))
+            seeds = [{"max_minutes": r.get("max_minutes"), **s} for s in p["seeds"]]
+            same = next(
+                (
+                    q
+                    for q in profiles
+                    if (q["config"], q["name"], q.get("overrides"))
+                    == (config, p["name"], p.get("overrides"))
+                ),
+                None,
+            )
+            if same is None:
+                profiles.append({**p, "config": config, "seeds": seeds})
+            else:
+                same["seeds"] = sorted(same["seeds"] + seeds, key=lambda s: s["seed"])
+    merged = {**results[0], "profiles": profiles}
     merged["merged_from"] = paths
     target = (
         Path(out) if out else Path(paths[0]).with_name(f"learning-{merged['env_id']}-merged.json")

@@ -114,6 +114,15 @@ def test_learning_bench_profiles_parse_and_plot(tmp_path):
     both = json.loads((tmp_path / "both.json").read_text())
     assert [p["name"] for p in both["profiles"]] == ["paper", "fast"]
     assert (tmp_path / "both.png").stat().st_size > 10_000
+    # more seeds of a profile, run later under another time cap, join that profile
+    later = tmp_path / "fast-more.json"
+    more = {**result["profiles"][1], "seeds": [{**result["profiles"][1]["seeds"][0], "seed": 1}]}
+    later.write_text(json.dumps({**result, "max_minutes": 5, "profiles": [more]}))
+    assert bench.main(["--merge", *parts, str(later), "--out", str(tmp_path / "all.json")]) == 0
+    merged = json.loads((tmp_path / "all.json").read_text())
+    assert [p["name"] for p in merged["profiles"]] == ["paper", "fast"]
+    fast = merged["profiles"][1]["seeds"]
+    assert [(s["seed"], s["max_minutes"]) for s in fast] == [(0, None), (1, 5)]
 
 
 def test_context_bench_scripted_reference_reaches_the_goal():
