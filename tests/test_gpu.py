@@ -105,8 +105,10 @@ def test_gpu_state_resumes_on_cpu_and_cpu_state_on_gpu():
 
 def _filled(learner: Learner, n: int = 200) -> Learner:
     gen = torch.Generator().manual_seed(1)
+    k = learner.buffer.context_dim  # a task family's normalised contexts, else 0
     for i in range(n):
-        learner.buffer.add(0.1 * torch.randn(learner.spec.num_params, generator=gen), float(i))
+        params = 0.1 * torch.randn(learner.spec.num_params, generator=gen)
+        learner.buffer.add(params, float(i), torch.randn(k, generator=gen) if k else None)
     return learner
 
 
@@ -116,18 +118,19 @@ def _same_weights(a: Learner, b: Learner) -> None:
             torch.testing.assert_close(pa, pb, rtol=1e-4, atol=1e-6, msg=f"{net}.{name}")
 
 
-@pytest.mark.parametrize("config", ["hopper.yaml", "hopper_fast.yaml"])
+@pytest.mark.parametrize("config", ["hopper.yaml", "hopper_fast.yaml", "point_goal.yaml"])
 def test_cuda_graph_steps_learn_what_eager_steps_learn(config):
     """Learner rounds on a GPU replay captured CUDA graphs; the capture's warm-up steps are
     undone, so the run learns what eager steps learn, also after a checkpoint is loaded into
-    a learner whose steps were already captured (the optimiser's state tensors are new)."""
+    a learner whose steps were already captured (the optimiser's state tensors are new).
+    PointGoal is a task family: its steps also take the tasks' contexts as graph inputs."""
     cfg = load_config(
         str(Path(HOPPER_FAST).with_name(config)),
         ["learner.device=cuda", "learner.precision=fp32"],
     )
 
     def make() -> Learner:
-        return _filled(Learner(cfg, policy_spec(cfg.env.id, cfg.policy.hidden)))
+        return _filled(Learner(cfg, policy_spec(cfg.env.id, cfg.policy.hidden, cfg.env.kwargs)))
 
     graphed, eager = make(), make()
     eager._critic_update.cuda_graph = eager._generator_update.cuda_graph = False
