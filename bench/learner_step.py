@@ -62,8 +62,8 @@ def time_updates(
     gen = torch.Generator().manual_seed(0)
     for i in range(fill):
         learner.buffer.add(0.1 * torch.randn(spec.num_params, generator=gen), float(i % 1000))
-    # Every step reads its loss back (.item()), so a GPU round is finished when update
-    # returns; the synchronize makes that explicit rather than a side effect.
+    # update() reads its last losses back, which waits for the GPU anyway; the synchronize
+    # makes the end of a round explicit rather than a side effect.
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     for _ in range(warmup):
         learner.update(1)
@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     print(head + (f" {'baseline median':>15} {'speed-up':>8}" if baseline else ""))
     for k, r in enumerate(rows):
         line = (
-            f"{Path(r['config']).stem:>22} {r.get('device', 'cpu'):>6} {r['threads']:>7} {r['precision']:>9} "
+            f"{Path(r['config']).stem:>22} {r['device']:>6} {r['threads']:>7} {r['precision']:>9} "
             f"{r['seconds_per_episode_median']:>19.3f} {r['seconds_per_episode_min']:>7.3f}"
         )
         if baseline:

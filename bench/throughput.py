@@ -17,9 +17,10 @@ trajectory. The three are measured in rounds, one of each per round in a rotatin
 and a ratio is the median over rounds of that round's ratio: a slow patch of a shared
 machine (single measurements here move by up to ±30%) then slows both sides of the ratio
 it lands in, instead of one side of a ratio of medians. The spread of the per-round ratios
-is reported with it, and so is the ratio of the best rates (best worker / best raw). All use the same env kwargs. Hopper is built with
-``terminate_when_unhealthy=False`` so that episodes are long (1000 steps) whatever the
-policy does: the figure is the per-step cost, not the reset cost. Prints a table and writes JSON (with the CPU's flags) to
+is reported with it, and so is the ratio of the best rates (best worker / best raw). All
+use the same env kwargs. Hopper is built with ``terminate_when_unhealthy=False`` so that
+episodes are long (1000 steps) whatever the policy does: the figure is the per-step cost,
+not the reset cost. Prints a table and writes JSON (with the CPU's flags) to
 ``bench/results/`` (or ``--out``).
 """
 
@@ -80,17 +81,16 @@ def replay_rate(env_id: str, kwargs: dict, seed: int, actions: list, seconds: fl
     return rate
 
 
-def worker_rate(env_id: str, kwargs: dict, hidden: list[int], envs: int, seconds: float) -> dict:
-    """Env steps per second of ``Rollouts.run`` on training batches of ``envs`` policies,
-    and the actions its first policy took in one untimed episode (for :func:`replay_rate`)."""
+def _worker(env_id: str, kwargs: dict, hidden: list[int], envs: int):
+    """A worker's ``Rollouts`` with its envs built and compiled code loaded, and the
+    training batch it runs: ``envs`` random policies (weights scaled by 1/sqrt(fan_in), as a
+    fresh generator writes them) following master statistics from a short zero-action run."""
     spec = policy_spec(env_id, hidden, kwargs)
     rng = np.random.default_rng(0)
-    # Weights scaled by 1/sqrt(fan_in), as a fresh generator writes them.
     parts = []
     for out, inp in spec.layer_shapes:
         parts += [rng.normal(0, 1 / np.sqrt(inp), (envs, out * inp)), np.zeros((envs, out))]
     params = np.concatenate(parts, axis=1).astype(np.float32)
-    # Master statistics from a short zero-action run, so training policies follow them.
     env = make_env(env_id, kwargs)
     obs = [env.reset(seed=0)[0]]
     for _ in range(99):
@@ -107,34 +107,39 @@ def worker_rate(env_id: str, kwargs: dict, hidden: list[int], envs: int, seconds
         )
 
     rollouts.run(batch(0))  # untimed: envs built, compiled code loaded
-    # untimed: record env 0's actions in one episode, for the replay
+    return rollouts, batch
+
+
+def worker_rate(env_id: str, kwargs: dict, hidden: list[int], envs: int, seconds: float) -> float:
+    """Env steps per second of ``Rollouts.run`` on training batches of ``envs`` policies."""
+    rollouts, batch = _worker(env_id, kwargs, hidden, envs)
+    steps, batches, start, i = 0, 0, time.perf_counter(), envs
+    while time.perf_counter() - start < seconds or batches == 0:
+        steps += int(rollouts.run(batch(i)).lengths.sum())
+        batches += 1
+        i += envs
+    rate = steps / (time.perf_counter() - start)
+    rollouts.close()
+    return rate
+
+
+def worker_trajectory(env_id: str, kwargs: dict, hidden: list[int], envs: int) -> tuple:
+    """(reset seed, actions) of the worker's first policy in one episode, for
+    :func:`replay_rate`: the policy and reset seed of :func:`worker_rate`'s first batch."""
+    rollouts, batch = _worker(env_id, kwargs, hidden, envs)
     env0, actions = rollouts.envs[0], []
     env0.step = lambda a, _step=env0.step: (actions.append(np.array(a)), _step(a))[1]
     first = batch(envs)
     rollouts.run(first)
-    del env0.step
-    steps, batches, start, i = 0, 0, time.perf_counter(), envs
-    while time.perf_counter() - start < seconds or batches == 0:
-        result = rollouts.run(batch(i))
-        steps += int(result.lengths.sum())
-        batches += 1
-        i += envs
-    elapsed = time.perf_counter() - start
     rollouts.close()
-    return {
-        "steps": steps,
-        "batches": batches,
-        "steps_per_second": steps / elapsed,
-        "replay": (int(first.seeds[0]), actions),
-    }
+    return int(first.seeds[0]), actions
 
 
 def measure_row(env_id: str, envs: int, hidden: list[int], rounds: int, seconds: float) -> dict:
     """``rounds`` rounds of raw, worker and replay rates (order rotated each round) for one
     env and worker width; rates as medians, ratios as medians of per-round ratios."""
     kwargs = LONG_EPISODES.get(env_id, {})
-    # The worker's policies and seeds are the same every round, and so is the trajectory.
-    trajectory = worker_rate(env_id, kwargs, hidden, envs, 0.0)["replay"]
+    trajectory = worker_trajectory(env_id, kwargs, hidden, envs)  # the same every round
     raw, worker, replay = [], [], []
     for k in range(rounds):
         got: dict[str, float] = {}
@@ -142,9 +147,7 @@ def measure_row(env_id: str, envs: int, hidden: list[int], rounds: int, seconds:
             if what == "raw":
                 got["raw"] = raw_rate(env_id, kwargs, seconds)
             elif what == "worker":
-                got["worker"] = worker_rate(env_id, kwargs, hidden, envs, seconds)[
-                    "steps_per_second"
-                ]
+                got["worker"] = worker_rate(env_id, kwargs, hidden, envs, seconds)
             else:
                 got["replay"] = replay_rate(env_id, kwargs, *trajectory, seconds)
         raw.append(got["raw"])

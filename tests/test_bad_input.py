@@ -235,13 +235,17 @@ def test_cuda_learner_without_a_gpu_stops_instead_of_waiting(tmp_path):
 
 
 def test_checkpoint_of_a_gpu_learner_is_used_on_a_machine_without_one(small_checkpoint, tmp_path):
-    """A run trained with learner.device=cuda (its checkpoint's tensors are on the CPU, see
-    tests/test_gpu.py) is exported and evaluated on a laptop: the local learner falls back
-    to the CPU instead of failing in torch."""
+    """A run trained with learner.device=cuda is exported and evaluated on a laptop: the
+    local learner falls back to the CPU instead of failing in torch. The checkpoint is
+    written as a GPU learner writes one: tensors on the CPU (tests/test_gpu.py checks that)
+    and Adam groups saved with capturable=True, which a CPU step refuses."""
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA: the checkpoint's device is usable as it is")
     payload = ckpt.load(small_checkpoint)
     payload["config"]["learner"]["device"] = "cuda"
+    for opt in ("generator_opt", "critic_opt"):
+        for group in payload["learner"][opt]["param_groups"]:
+            group["capturable"] = True
     gpu_run = ckpt.save(tmp_path / "gpu.pt", payload)
     out = tmp_path / "policy.pt"
     res = gogepo("export", str(gpu_run), "--command", "1", "--out", str(out), cwd=tmp_path)

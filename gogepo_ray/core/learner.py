@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import contextmanager
 from fractions import Fraction
 from typing import TYPE_CHECKING
 
@@ -86,17 +87,20 @@ class OptimiserStep:
     them all at once. The maths is the eager step's: the warm-up steps that a capture needs
     are undone, so a graphed run learns exactly what an eager one would (tests/test_gpu.py).
 
-    The returned loss of a replayed step is the graph's own output buffer: the next call
-    overwrites it. Inputs must keep their shapes (batch sizes are fixed per run); call
-    :meth:`reset` after replacing the optimiser's state (``load_state_dict``).
+    Inputs may be on the host: they are copied to ``device`` once, straight into the
+    graph's input buffers when there is a graph. The returned loss of a replayed step is
+    the graph's own output buffer: the next call overwrites it. Inputs must keep their
+    shapes (batch sizes are fixed per run); call :meth:`reset` after replacing the
+    optimiser's state (``load_state_dict``).
     """
 
     WARMUP = 3  # eager steps on a side stream before capture, as CUDA graphs require
 
-    def __init__(self, loss_fn, optimizer: torch.optim.Optimizer, cuda_graph: bool) -> None:
+    def __init__(self, loss_fn, optimizer: torch.optim.Optimizer, device: torch.device) -> None:
         self.loss_fn = loss_fn
         self.optimizer = optimizer
-        self.cuda_graph = cuda_graph
+        self.device = device
+        self.cuda_graph = device.type == "cuda"
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
         self.reset()
 
@@ -107,7 +111,7 @@ class OptimiserStep:
 
     def __call__(self, *inputs: torch.Tensor | None) -> torch.Tensor:
         if not self.cuda_graph:
-            return self._step(inputs).detach()
+            return self._step([None if x is None else x.to(self.device) for x in inputs]).detach()
         if self._graph is None:
             self._capture(inputs)
         for buf, x in zip(self._inputs, inputs):
@@ -125,7 +129,12 @@ class OptimiserStep:
         return loss
 
     def _capture(self, inputs) -> None:
-        self._inputs = [None if x is None else x.detach().clone() for x in inputs]
+        self._inputs = [
+            None if x is None else torch.empty_like(x, device=self.device) for x in inputs
+        ]
+        for buf, x in zip(self._inputs, inputs):
+            if buf is not None:
+                buf.copy_(x)
         # What the warm-up changes, to put back afterwards: the parameters, and the Adam
         # state of parameters that had one (a fresh state is zeros, step 0).
         params_before = [p.detach().clone() for p in self.params]
@@ -295,12 +304,12 @@ class Learner(StreamingLearner):
         self._critic_update = OptimiserStep(
             lambda params, returns, x: critic_loss(self.critic, params, returns, x),
             self.critic_opt,
-            cuda_graph=cuda,
+            self.device,
         )
         self._generator_update = OptimiserStep(
             lambda commands, x: generator_loss(self.generator, self.critic, commands, x),
             self.generator_opt,
-            cuda_graph=cuda,
+            self.device,
         )
         self.buffer = ReplayBuffer(
             cfg.buffer.capacity, spec.num_params, cfg.buffer.recency_exponent, context_dim=k
@@ -394,23 +403,30 @@ class Learner(StreamingLearner):
 
     def generator_step(self) -> float:
         """One generator step on commands from the buffer, V held fixed; its loss."""
-        self.critic.requires_grad_(False)
-        try:
+        with self._critic_frozen():
             return self._generator_step().item()
-        finally:
-            self.critic.requires_grad_(True)
 
+    # The batches stay on the host here: OptimiserStep copies them to the device once.
     def _critic_step(self) -> torch.Tensor:
         params, returns, x = self.buffer.sample(self.cfg.critic.batch_size, self.rng)
-        return self._critic_update(params.to(self.device), returns.to(self.device), self._cond(x))
+        return self._critic_update(params, returns, self._cond(x))
 
     def _generator_step(self) -> torch.Tensor:
         _, commands, x = self.buffer.sample(self.cfg.generator.batch_size, self.rng)
-        return self._generator_update(commands.to(self.device), self._cond(x))
+        return self._generator_update(commands, self._cond(x))
 
     def _cond(self, x: torch.Tensor) -> torch.Tensor | None:
         """Normalised contexts from the buffer as G and V take them; None without any."""
-        return x.to(self.device) if self.generator.context_dim else None
+        return x if self.generator.context_dim else None
+
+    @contextmanager
+    def _critic_frozen(self):
+        """V held fixed (no gradients into it) for generator steps."""
+        self.critic.requires_grad_(False)
+        try:
+            yield
+        finally:
+            self.critic.requires_grad_(True)
 
     def update(self, rounds: int) -> tuple[float | None, float | None]:
         """``rounds`` rounds of the configured critic steps, then generator steps. Returns
@@ -423,12 +439,9 @@ class Learner(StreamingLearner):
         for _ in range(rounds):
             for _ in range(self.cfg.critic.steps_per_episode):
                 closs = self._critic_step()
-            self.critic.requires_grad_(False)
-            try:
+            with self._critic_frozen():
                 for _ in range(self.cfg.generator.steps_per_episode):
                     gloss = self._generator_step()
-            finally:
-                self.critic.requires_grad_(True)
         return (
             None if closs is None else closs.item(),
             None if gloss is None else gloss.item(),
@@ -463,7 +476,9 @@ class Learner(StreamingLearner):
         ]
         if len(self.buffer) > 0:
             with torch.no_grad():
-                pred = self.critic(params.to(self.device), self._cond(x)).cpu()
+                cond = self._cond(x)
+                cond = None if cond is None else cond.to(self.device)
+                pred = self.critic(params.to(self.device), cond).cpu()
             self._last["fresh"] = float((pred - torch.tensor(train_returns)).abs().mean())
         for p, r, xi in zip(params, train_returns, x):
             self.buffer.add(p, r, xi)

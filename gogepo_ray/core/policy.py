@@ -105,10 +105,8 @@ def policy_actions(
     device copy on every call, which a CUDA graph cannot hold."""
     squashed = torch.tanh(policy_preactivation(spec, policy_params, obs))
     if bounds is None:
-        low = torch.as_tensor(spec.action_low, dtype=squashed.dtype, device=squashed.device)
-        high = torch.as_tensor(spec.action_high, dtype=squashed.dtype, device=squashed.device)
-    else:
-        low, high = (t.to(squashed.dtype) for t in bounds)
+        bounds = (torch.tensor(spec.action_low), torch.tensor(spec.action_high))
+    low, high = (b.to(squashed) for b in bounds)
     return low + (squashed + 1.0) * 0.5 * (high - low)
 
 
