@@ -1,7 +1,7 @@
 """Rollout throughput: a worker's env steps/s against the env's own zero-action rate.
 
     python bench/throughput.py                       # HalfCheetah-v5 and Hopper-v5, 1 and 4 envs
-    python bench/throughput.py --env Hopper-v5 --envs 1 2 8 --hidden 256 256 --seconds 10
+    python bench/throughput.py --env Hopper-v5 --envs 1 2 8 --hidden 256 256 --rounds 100
 
 For every env, one process on one core (torch and BLAS pinned to 1 thread) measures:
   - raw:    ``gym.make(id).step(zeros)`` in a loop, resetting when an episode ends;
@@ -13,12 +13,13 @@ For every env, one process on one core (torch and BLAS pinned to 1 thread) measu
             and physics, with no policy and no worker around it (a moving body does not
             cost what one lying still does: on HalfCheetah it measured cheaper).
 The target is worker / raw; worker / replay is the worker's own overhead on its own
-trajectory. The three are measured in rounds, one of each per round in a rotating order,
-and a ratio is the median over rounds of that round's ratio: a slow patch of a shared
-machine (single measurements here move by up to ±30%) then slows both sides of the ratio
-it lands in, instead of one side of a ratio of medians. The spread of the per-round ratios
-is reported with it, and so is the ratio of the best rates (best worker / best raw). All
-use the same env kwargs. Hopper is built with ``terminate_when_unhealthy=False`` so that
+trajectory. The three are measured in short rounds: one worker batch (``envs`` episodes),
+then as many raw and replay steps as that batch took, in a rotating order. A ratio is the
+median over rounds of that round's ratio. This machine's speed moves by up to 2× within a
+minute; rounds of a few hundred milliseconds put both sides of a ratio in the same patch
+(9 rounds of 1.5 s measurements, the previous design, left the 4-env rows' medians 0.1
+apart between runs). The spread of the per-round ratios is reported with it, and so is the
+ratio of the best rates (best worker / best raw). All use the same env kwargs. Hopper is built with ``terminate_when_unhealthy=False`` so that
 episodes are long (1000 steps) whatever the policy does: the figure is the per-step cost,
 not the reset cost. Prints a table and writes JSON (with the CPU's flags) to
 ``bench/results/`` (or ``--out``).
@@ -49,36 +50,43 @@ from gogepo_ray.types import ParamBatch  # noqa: E402
 LONG_EPISODES = {"Hopper-v5": {"terminate_when_unhealthy": False}}
 
 
-def raw_rate(env_id: str, kwargs: dict, seconds: float) -> float:
-    """Zero-action ``env.step`` calls per second of a plain ``gym.make`` env."""
-    env = gym.make(env_id, **kwargs)
-    action = np.zeros(env.action_space.shape, env.action_space.dtype)
-    env.reset(seed=0)
-    steps, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        for _ in range(200):
+class Raw:
+    """Zero-action ``env.step`` calls on a plain ``gym.make`` env, resetting when an
+    episode ends; the episode goes on from one slice to the next."""
+
+    def __init__(self, env_id: str, kwargs: dict) -> None:
+        self.env = gym.make(env_id, **kwargs)
+        self.action = np.zeros(self.env.action_space.shape, self.env.action_space.dtype)
+        self.env.reset(seed=0)
+
+    def rate(self, steps: int) -> float:
+        env, action = self.env, self.action
+        start = time.perf_counter()
+        for _ in range(steps):
             _, _, terminated, truncated, _ = env.step(action)
             if terminated or truncated:
                 env.reset()
-        steps += 200
-    rate = steps / (time.perf_counter() - start)
-    env.close()
-    return rate
+        return steps / (time.perf_counter() - start)
 
 
-def replay_rate(env_id: str, kwargs: dict, seed: int, actions: list, seconds: float) -> float:
-    """``env.step`` calls per second of a plain ``gym.make`` env replaying ``actions`` from
-    a reset with ``seed``, over and over."""
-    env = gym.make(env_id, **kwargs)
-    steps, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        env.reset(seed=seed)
-        for action in actions:
-            env.step(action)
-        steps += len(actions)
-    rate = steps / (time.perf_counter() - start)
-    env.close()
-    return rate
+class Replay(Raw):
+    """The same plain env stepping through ``actions`` from a reset with ``seed``, over
+    and over."""
+
+    def __init__(self, env_id: str, kwargs: dict, seed: int, actions: list) -> None:
+        super().__init__(env_id, kwargs)
+        self.seed, self.actions, self.at = seed, actions, 0
+
+    def rate(self, steps: int) -> float:
+        env, actions, at = self.env, self.actions, self.at
+        start = time.perf_counter()
+        for _ in range(steps):
+            if at == 0:
+                env.reset(seed=self.seed)
+            env.step(actions[at])
+            at = (at + 1) % len(actions)
+        self.at = at
+        return steps / (time.perf_counter() - start)
 
 
 def _worker(env_id: str, kwargs: dict, hidden: list[int], envs: int):
@@ -110,49 +118,49 @@ def _worker(env_id: str, kwargs: dict, hidden: list[int], envs: int):
     return rollouts, batch
 
 
-def worker_rate(env_id: str, kwargs: dict, hidden: list[int], envs: int, seconds: float) -> float:
-    """Env steps per second of ``Rollouts.run`` on training batches of ``envs`` policies."""
-    rollouts, batch = _worker(env_id, kwargs, hidden, envs)
-    steps, batches, start, i = 0, 0, time.perf_counter(), envs
-    while time.perf_counter() - start < seconds or batches == 0:
-        steps += int(rollouts.run(batch(i)).lengths.sum())
-        batches += 1
-        i += envs
-    rate = steps / (time.perf_counter() - start)
-    rollouts.close()
-    return rate
-
-
 def worker_trajectory(env_id: str, kwargs: dict, hidden: list[int], envs: int) -> tuple:
     """(reset seed, actions) of the worker's first policy in one episode, for
     :func:`replay_rate`: the policy and reset seed of :func:`worker_rate`'s first batch."""
     rollouts, batch = _worker(env_id, kwargs, hidden, envs)
-    env0, actions = rollouts.envs[0], []
-    env0.step = lambda a, _step=env0.step: (actions.append(np.array(a)), _step(a))[1]
+    actions: list[np.ndarray] = []
+
+    class Record(gym.Wrapper):
+        def step(self, action):
+            actions.append(np.array(action))
+            return self.env.step(action)
+
+    rollouts.env = Record(rollouts.env)  # episodes run one after another: the first's come first
     first = batch(envs)
-    rollouts.run(first)
+    length = int(rollouts.run(first).lengths[0])
     rollouts.close()
-    return int(first.seeds[0]), actions
+    return int(first.seeds[0]), actions[:length]
 
 
-def measure_row(env_id: str, envs: int, hidden: list[int], rounds: int, seconds: float) -> dict:
-    """``rounds`` rounds of raw, worker and replay rates (order rotated each round) for one
-    env and worker width; rates as medians, ratios as medians of per-round ratios."""
+def measure_row(env_id: str, envs: int, hidden: list[int], rounds: int) -> dict:
+    """``rounds`` rounds of one worker batch, then as many zero-action and replay steps
+    as the batch took (order rotated each round), for one env and worker width; rates as
+    medians, ratios as medians of per-round ratios."""
     kwargs = LONG_EPISODES.get(env_id, {})
     trajectory = worker_trajectory(env_id, kwargs, hidden, envs)  # the same every round
+    rollouts, batch = _worker(env_id, kwargs, hidden, envs)
+    meters = {"raw": Raw(env_id, kwargs), "replay": Replay(env_id, kwargs, *trajectory)}
+    meters["raw"].rate(1000)  # untimed warm-up, as the worker had
+    meters["replay"].rate(1000)
     raw, worker, replay = [], [], []
+    steps = 0  # of the last worker batch; the first round's are measured first
     for k in range(rounds):
         got: dict[str, float] = {}
-        for what in np.roll(["raw", "worker", "replay"], k):
-            if what == "raw":
-                got["raw"] = raw_rate(env_id, kwargs, seconds)
-            elif what == "worker":
-                got["worker"] = worker_rate(env_id, kwargs, hidden, envs, seconds)
+        for what in np.roll(["worker", "raw", "replay"], k):  # the worker first in round 0
+            if what == "worker":
+                start = time.perf_counter()
+                steps = int(rollouts.run(batch(envs * (k + 1))).lengths.sum())
+                got["worker"] = steps / (time.perf_counter() - start)
             else:
-                got["replay"] = replay_rate(env_id, kwargs, *trajectory, seconds)
+                got[what] = meters[what].rate(steps)
         raw.append(got["raw"])
         worker.append(got["worker"])
         replay.append(got["replay"])
+    rollouts.close()
     to_raw = [w / r for w, r in zip(worker, raw)]
     to_replay = [w / r for w, r in zip(worker, replay)]
     return {
@@ -178,22 +186,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--env", nargs="+", default=["HalfCheetah-v5", "Hopper-v5"])
     ap.add_argument("--envs", type=int, nargs="+", default=[1, 4], help="envs per worker")
     ap.add_argument("--hidden", type=int, nargs="+", default=[256, 256])
-    ap.add_argument("--seconds", type=float, default=1.5, help="per measurement")
     ap.add_argument(
-        "--rounds", type=int, default=9, help="rounds of raw, worker and replay, in rotating order"
+        "--rounds",
+        type=int,
+        default=60,
+        help="rounds of one worker batch and as many raw and replay steps, in rotating order",
     )
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     rows = [
-        measure_row(env_id, n, args.hidden, args.rounds, args.seconds)
-        for env_id in args.env
-        for n in args.envs
+        measure_row(env_id, n, args.hidden, args.rounds) for env_id in args.env for n in args.envs
     ]
     result = {
         "bench": "throughput",
         "hidden": args.hidden,
-        "seconds_per_measurement": args.seconds,
         "rounds": args.rounds,
         "threads": 1,
         "cpu": cpu_info(),
@@ -208,8 +215,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     out.write_text(json.dumps(result, indent=2))
     print(
-        f"policy hidden {args.hidden}, 1 core, {args.rounds} rounds of {args.seconds:g} s per "
-        "measurement; ratios: median of the per-round ratios [lowest, highest round]"
+        f"policy hidden {args.hidden}, 1 core, {args.rounds} rounds of one worker batch and "
+        "as many zero-action and replay steps; ratios: median of the per-round ratios "
+        "[lowest, highest round]"
     )
     print(
         f"{'env':>16} {'envs':>4} {'raw steps/s':>12} {'worker steps/s':>15} "

@@ -271,7 +271,9 @@ class RunConfig(_Section):
     workers: int = Field(default_factory=lambda: max(1, (os.cpu_count() or 2) - 1), ge=1)
     """Rollout worker actors. Default: the machine's CPUs minus one for the learner."""
     envs_per_worker: int = Field(default=1, ge=1)
-    """Envs each worker steps together with one batched policy forward."""
+    """Policies a worker gets per request. It runs their episodes one after another and
+    sends the results back together: more than 1 saves round trips where episodes are
+    short."""
     checkpoint_every: int = Field(default=50_000, ge=1)
     """Write a checkpoint after every this many training env steps (and at the end)."""
     output_dir: str = "runs"

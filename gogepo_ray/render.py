@@ -226,7 +226,7 @@ def render_policy(
     rollouts = Rollouts(
         cfg.env.id, spec, env_kwargs=cfg.env.kwargs, max_episode_steps=cfg.env.max_episode_steps
     )
-    rollouts.envs = [env]  # the workers' rollout code, stepping the recording env
+    rollouts.env = env  # the workers' rollout code, stepping the recording env
     rate = fps or float(env.metadata.get("render_fps") or 30)
     writer = _video_writer(path, rate)
     result = RenderResult(path, rate, 0, backend)

@@ -64,8 +64,8 @@ def test_throughput_bench_measures_raw_and_worker_rates(tmp_path, capsys):
     bench = _load("throughput")
     out = tmp_path / "throughput.json"
     rc = bench.main(
-        ["--env", "Pendulum-v1", "--envs", "1", "2", "--hidden", "8", "--seconds", "0.3",
-         "--rounds", "3", "--out", str(out)]
+        ["--env", "Pendulum-v1", "--envs", "1", "2", "--hidden", "8", "--rounds", "3",
+         "--out", str(out)]
     )  # fmt: skip
     assert rc == 0
     result = json.loads(out.read_text())

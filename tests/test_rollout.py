@@ -33,26 +33,25 @@ def _batch(kind, spec, stats: ObsStats, n=2, seed=0):
 
 
 def _replay(spec, batch, follow: bool):
-    """The batch's episodes written out step by step, envs in lockstep, the statistics
-    following the observations of all of them: what the worker must match."""
-    n = len(batch.episode_ids)
-    envs = [gym.make(ENV) for _ in range(n)]
+    """The batch's episodes written out step by step, one after another, the statistics
+    following every observation of the batch so far (the earlier episodes' and this
+    one's): what the worker must match."""
+    env = gym.make(ENV)
     stats = ObsStats(spec.obs_dim, batch.obs_count, batch.obs_mean.copy(), batch.obs_m2.copy())
     mean, std = batch.normalizer()
-    obs = np.stack([env.reset(seed=int(s))[0] for env, s in zip(envs, batch.seeds)]).astype(
-        np.float32
-    )
-    totals = np.zeros(n)
-    for _ in range(200):  # Pendulum-v1 always runs 200 steps
-        if follow:
-            stats.update(obs)
-            mean, std = stats.normalizer()
-        x = torch.from_numpy((obs - mean) / std)[:, None]
-        acts = policy_actions(spec, torch.from_numpy(batch.policy_params), x)[:, 0].numpy()
-        steps = [env.step(a) for env, a in zip(envs, acts)]
-        obs = np.stack([s[0] for s in steps]).astype(np.float32)
-        totals += [s[1] for s in steps]
-    return totals
+    totals = []
+    for seed, params in zip(batch.seeds, torch.from_numpy(batch.policy_params)):
+        obs, total = env.reset(seed=int(seed))[0].astype(np.float32), 0.0
+        for _ in range(200):  # Pendulum-v1 always runs 200 steps
+            if follow:
+                stats.update(obs[None])
+                mean, std = stats.normalizer()
+            x = torch.from_numpy((obs - mean) / std)[None, None]
+            action = policy_actions(spec, params[None], x)[0, 0].numpy()
+            obs, reward = env.step(action)[:2]
+            obs, total = obs.astype(np.float32), total + reward
+        totals.append(total)
+    return np.asarray(totals)
 
 
 def _master(spec):
