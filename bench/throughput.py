@@ -16,13 +16,14 @@ The target is worker / raw; worker / replay is the worker's own overhead on its 
 trajectory. The three are measured in short rounds: one worker batch (``envs`` episodes),
 then as many raw and replay steps as that batch took, in a rotating order. A ratio is the
 median over rounds of that round's ratio. This machine's speed moves by up to 2× within a
-minute; rounds of a few hundred milliseconds put both sides of a ratio in the same patch
-(9 rounds of 1.5 s measurements, the previous design, left the 4-env rows' medians 0.1
-apart between runs). The spread of the per-round ratios is reported with it, and so is the
-ratio of the best rates (best worker / best raw). All use the same env kwargs. Hopper is built with ``terminate_when_unhealthy=False`` so that
-episodes are long (1000 steps) whatever the policy does: the figure is the per-step cost,
-not the reset cost. Prints a table and writes JSON (with the CPU's flags) to
-``bench/results/`` (or ``--out``).
+minute, and rounds of a few hundred milliseconds put both sides of a ratio in the same
+patch. (The previous design, 9 rounds of 1.5 s, measured HalfCheetah at 0.89 with 1 env
+and 0.82 with 4 in one run, on code where the two do the same work per step.) The spread
+of the per-round ratios is reported with it, and so is the ratio of the best rates (best
+worker / best raw). All use the same env kwargs. Hopper is built with
+``terminate_when_unhealthy=False`` so that episodes are long (1000 steps) whatever the
+policy does: the figure is the per-step cost, not the reset cost. Prints a table and
+writes JSON (with the CPU's flags) to ``bench/results/`` (or ``--out``).
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ LONG_EPISODES = {"Hopper-v5": {"terminate_when_unhealthy": False}}
 
 class Raw:
     """Zero-action ``env.step`` calls on a plain ``gym.make`` env, resetting when an
-    episode ends; the episode goes on from one slice to the next."""
+    episode ends; the episode goes on from one round to the next."""
 
     def __init__(self, env_id: str, kwargs: dict) -> None:
         self.env = gym.make(env_id, **kwargs)
@@ -120,7 +121,7 @@ def _worker(env_id: str, kwargs: dict, hidden: list[int], envs: int):
 
 def worker_trajectory(env_id: str, kwargs: dict, hidden: list[int], envs: int) -> tuple:
     """(reset seed, actions) of the worker's first policy in one episode, for
-    :func:`replay_rate`: the policy and reset seed of :func:`worker_rate`'s first batch."""
+    :class:`Replay`: the policy and reset seed of the first batch :func:`measure_row` runs."""
     rollouts, batch = _worker(env_id, kwargs, hidden, envs)
     actions: list[np.ndarray] = []
 
