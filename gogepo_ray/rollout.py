@@ -102,7 +102,7 @@ def _mlp(params, sizes, x):  # pragma: no cover - compiled
 
 # Layout of the control array of ``_policy_step`` (few arguments: numba's dispatch cost
 # grows with their number, and it is paid on every env step).
-_FOLLOW, _NORMALISE, _N_ROWS, _COUNT, _EPISODE, _SIZES = 0, 1, 2, 3, 4, 5
+_FOLLOW, _NORMALISE, _N_ROWS, _COUNT, _SIZES = 0, 1, 2, 3, 4
 
 
 # error_model="numpy": a float division is not checked for a zero divisor (which in
@@ -116,9 +116,9 @@ def _policy_step(params, obs, stats, ctl, rows, bounds, out):  # pragma: no cove
 
     params (D,) float32: the episode's policy; obs (obs_dim,) float64; stats (3, obs_dim):
     mean, M2 and std + eps the policy sees; ctl int64: follow the statistics, normalise,
-    recorded rows, statistics count, episode index, then the layer sizes; rows (cap,
-    obs_dim + 1): observations kept for the statistics delta, episode index last; bounds
-    (2, act_dim): centre and half-width of the action box. Writes the action to out
+    recorded rows, statistics count, then the layer sizes; rows (cap, obs_dim):
+    observations kept for the statistics delta; bounds (2, act_dim): centre and
+    half-width of the action box. Writes the action to out
     (act_dim,). Returns -1 (and does nothing) when the observation is not finite, 1 when
     the action is not, else 0.
     """
@@ -132,7 +132,6 @@ def _policy_step(params, obs, stats, ctl, rows, bounds, out):  # pragma: no cove
     if n_rows >= 0:  # training: keep the observation for the statistics delta
         for k in range(dim):
             rows[n_rows, k] = obs[k]
-        rows[n_rows, dim] = ctl[_EPISODE]
         ctl[_N_ROWS] = n_rows + 1
     if ctl[_FOLLOW]:  # merge the observation into the statistics the policy sees (Chan)
         count = ctl[_COUNT]
@@ -165,11 +164,11 @@ def worker_actions(spec: PolicySpec, policy_params: np.ndarray, obs: np.ndarray)
     """Actions of policy j on obs[j], raw observations (no statistics), through the worker's
     compiled per-step path: (B, D), (B, obs_dim) -> (B, act_dim)."""
     obs = np.ascontiguousarray(obs, np.float64)
-    ctl = np.array([0, 0, -1, 0, 0, *spec.layer_sizes], np.int64)
+    ctl = np.array([0, 0, -1, 0, *spec.layer_sizes], np.int64)
     stats = np.stack([np.zeros(spec.obs_dim), np.zeros(spec.obs_dim), np.ones(spec.obs_dim)])
     out = np.empty((len(policy_params), spec.act_dim))
     params = np.ascontiguousarray(policy_params, np.float32)
-    rows, box = np.empty((0, spec.obs_dim + 1)), _action_box(spec)
+    rows, box = np.empty((0, spec.obs_dim)), _action_box(spec)
     for j in range(len(params)):
         if _policy_step(params[j], obs[j], stats, ctl, rows, box, out[j]) < 0:
             raise ValueError("observations must be finite")
@@ -241,13 +240,14 @@ class Rollouts:
                 master.count > 0,
                 0 if train else -1,
                 master.count,
-                0,
             ]
             + list(self.spec.layer_sizes),
             np.int64,
         )
         stats = np.stack([master.mean, master.m2, master.std + EPS])  # (3, obs_dim)
-        rows = np.empty((4096 if train else 0, dim + 1), np.float64)
+        # Observations of training episodes for the statistics delta, one block per
+        # episode in order; a failed episode's block is given back.
+        rows = np.empty((4096 if train else 0, dim), np.float64)
         returns = np.zeros(n, np.float64)
         lengths = np.zeros(n, np.int64)
         failures: list[str | None] = [None] * n
@@ -263,11 +263,15 @@ class Rollouts:
             except Exception as exc:  # noqa: BLE001 - a broken env must not kill the worker
                 failures[i] = f"env reset raised {type(exc).__name__}: {exc}"
                 continue
-            policy, ctl[_EPISODE] = params[i], i
+            policy, first_row = params[i], int(ctl[_N_ROWS])
+            room = len(rows) - first_row  # rows left before the block must grow
             ret, length, failure = 0.0, 0, None
             while True:
-                if train and ctl[_N_ROWS] == len(rows):
-                    rows = np.concatenate([rows, np.empty_like(rows)])
+                if train:
+                    if room == 0:
+                        room = len(rows)
+                        rows = np.concatenate([rows, np.empty_like(rows)])
+                    room -= 1
                 n_bad = _policy_step(policy, obs, stats, ctl, rows, bounds, action)
                 if n_bad:
                     failure = (
@@ -293,12 +297,12 @@ class Rollouts:
                     break
                 obs[:] = o  # checked for finiteness by the next forward
             returns[i], lengths[i], failures[i] = ret, length, failure
+            if failure is not None and train:
+                ctl[_N_ROWS] = first_row  # its observations stay out of the delta
         # Statistics delta: training steps of the episodes that did not fail.
         delta = ObsStats(dim)
         if train:
-            ok = np.array([f is None for f in failures], dtype=bool)
-            kept = rows[: ctl[_N_ROWS]]
-            delta.update(kept[ok[kept[:, dim].astype(np.int64)], :dim])
+            delta.update(rows[: ctl[_N_ROWS]])
         return EpisodeBatch(
             kind=batch.kind,
             episode_ids=batch.episode_ids,
