@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shlex
 import sys
 import time
@@ -116,6 +117,10 @@ def run_seed(
         "learner_seconds_per_episode": round(summary["learner_seconds_per_episode"], 4),
         "learner_busy": round(summary["learner_seconds"] / max(summary["wall_seconds"], 1e-9), 3),
         "best_eval_return": max((m for _, m, _ in clock.arrivals), default=None),
+        "best_eval_env_steps": summary.get("best_eval_env_steps"),
+        "final_eval_env_steps": summary.get("final_eval_env_steps"),
+        "command_fidelity": summary.get("command_fidelity"),
+        "restores": summary.get("restores"),
         "learner_peak_rss_mib": round(memory["learner"]["peak_rss_bytes"] / mib, 1),
         "worker_peak_rss_mib": round(max(m["peak_rss_bytes"] for m in workers) / mib, 1),
         "buffer_size": summary["episodes"]
@@ -123,6 +128,33 @@ def run_seed(
         else cfg.buffer.capacity,
         "eval_history": [[s, round(m, 1), round(w, 1)] for s, m, w in clock.arrivals],
         "run_dir": summary["run_dir"],
+    }
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def summarise(profile: dict, threshold: float) -> dict:
+    """Per profile: seeds whose final (and best) evaluation reached the threshold, the median
+    steps to the first evaluation at it, and the median command fidelity."""
+    import statistics
+
+    rows = profile["seeds"]
+    hits = [r["steps_to_threshold"] for r in rows if r["steps_to_threshold"] is not None]
+    fid = [r["command_fidelity"] for r in rows if r.get("command_fidelity") is not None]
+    return {
+        "seeds": len(rows),
+        "final_at_threshold": sum(r["final_eval_return"] >= threshold for r in rows),
+        "best_at_threshold": sum((r["best_eval_return"] or -math.inf) >= threshold for r in rows),
+        # seeds that never reach it count as never (infinite steps)
+        "median_steps_to_threshold": statistics.median(
+            [r["steps_to_threshold"] or math.inf for r in rows]
+        )
+        if rows
+        else None,
+        "reached": len(hits),
+        "median_command_fidelity": statistics.median(fid) if fid else None,
     }
 
 
@@ -255,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         results.append(
             {
                 "name": name,
+                "config": args.config,
                 "overrides": sets,
                 "precision": resolve_precision(
                     pcfg.learner.precision, pcfg.learner.device, _policy_params(pcfg)
@@ -280,8 +313,8 @@ def main(argv: list[str] | None = None) -> int:
 
     head = (
         f"{'profile':>10} {'seed':>4} {'steps≥thr':>10} {'wall≥thr s':>10} {'best eval':>9} "
-        f"{'final eval':>10} {'env steps':>9} {'episodes':>8} {'wall s':>7} {'learner busy':>12} "
-        f"{'learner s/ep':>12}"
+        f"{'final eval':>10} {'fidelity':>8} {'env steps':>9} {'episodes':>8} {'wall s':>7} "
+        f"{'learner busy':>12} {'learner s/ep':>12}"
     )
     print(f"\n{cfg.env.id}, threshold {threshold:g}")
     print(head)
@@ -290,10 +323,15 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"{profile['name']:>10} {r['seed']:>4} {str(r['steps_to_threshold']):>10} "
                 f"{str(r['wall_seconds_to_threshold']):>10} {r['best_eval_return'] or float('nan'):>9.1f} "
-                f"{r['final_eval_return']:>10.1f} {r['env_steps']:>9} {r['episodes']:>8} "
+                f"{r['final_eval_return']:>10.1f} {_num(r.get('command_fidelity')):>8} "
+                f"{r['env_steps']:>9} {r['episodes']:>8} "
                 f"{r['wall_seconds']:>7.0f} {r['learner_busy']:>12.2f} "
                 f"{r['learner_seconds_per_episode']:>12.3f}"
             )
+    for profile in results:
+        profile["summary"] = summarise(profile, threshold)
+        print(f"{profile['name']}: {json.dumps(profile['summary'])}")
+    out.write_text(json.dumps(result, indent=2))
     print(f"\nwrote {out} and {png}")
     return 0
 

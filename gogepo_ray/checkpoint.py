@@ -51,12 +51,35 @@ def save(path: str | os.PathLike, state: dict) -> Path:
     return path
 
 
-def resolve(path: str | os.PathLike) -> Path:
-    """A checkpoint file, a run directory (its final, else latest, checkpoint), or an RLlib
-    checkpoint directory of the GoGePo algorithm (its gogepo.pt)."""
+WHICH = ("best", "latest")
+
+
+def resolve(path: str | os.PathLike, which: str | None = None) -> Path:
+    """A checkpoint file, a run directory, or an RLlib checkpoint directory of the GoGePo
+    algorithm (its gogepo.pt). In a run directory ``which`` picks the checkpoint: ``best``
+    (checkpoints/best.pt, the networks of the best evaluation), ``latest`` (final.pt, else
+    latest.pt), or None: best.pt where the run has one, else the latest."""
     p = Path(path)
+    if which is not None and which not in WHICH:
+        raise CheckpointError(f"--checkpoint must be one of {', '.join(WHICH)}, got {which!r}")
+    if which is not None and p.is_file():
+        raise CheckpointError(
+            f"--checkpoint {which} picks a checkpoint of a run directory; {p} is a file already "
+            "(give the run directory, or leave --checkpoint out)"
+        )
+    if p.is_dir() and which == "best":
+        cand = p / "checkpoints" / "best.pt"
+        if cand.is_file():
+            return cand
+        raise CheckpointError(
+            f"no best checkpoint in {p} (checkpoints/best.pt is written at the run's first "
+            "evaluation); use --checkpoint latest"
+        )
     if p.is_dir():
-        for name in ("final.pt", "latest.pt", "gogepo.pt"):
+        names = ("final.pt", "latest.pt", "gogepo.pt")
+        if which is None:
+            names = ("best.pt", *names)
+        for name in names:
             for cand in (p / "checkpoints" / name, p / name):
                 if cand.is_file():
                     return cand
@@ -68,8 +91,8 @@ def resolve(path: str | os.PathLike) -> Path:
     return p
 
 
-def load(path: str | os.PathLike) -> dict[str, Any]:
-    p = resolve(path)
+def load(path: str | os.PathLike, which: str | None = None) -> dict[str, Any]:
+    p = resolve(path, which)
     try:
         payload = torch.load(p, map_location="cpu", weights_only=True)
     except (

@@ -63,11 +63,25 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _add_which(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--checkpoint",
+        dest="which",
+        choices=["best", "latest"],
+        default=None,
+        help="with a run directory: best (checkpoints/best.pt, the generator of the best "
+        "evaluation) or latest (the end of training); default: best where the run has one",
+    )
+
+
 def _add_checkpoint_cmds(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="evaluate G(command) from a checkpoint")
     p.add_argument("checkpoint", help="checkpoint file or run directory")
+    _add_which(p)
     _add_command(
-        p, "default: best training return; for a task family the estimated best of the context"
+        p,
+        "default: the command of the checkpoint's evaluation (run.eval_command); for a task "
+        "family the estimated best of the context",
     )
     _add_context(p, "default: every held-out context")
     p.add_argument("--episodes", type=int, default=10)
@@ -75,6 +89,7 @@ def _add_checkpoint_cmds(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("sweep", help="achieved vs commanded return over the env's return range")
     p.add_argument("checkpoint", help="checkpoint file or run directory")
+    _add_which(p)
     p.add_argument(
         "--commands",
         type=int,
@@ -86,6 +101,7 @@ def _add_checkpoint_cmds(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("export", help="write G(command) as a standalone torch policy file")
     p.add_argument("checkpoint", help="checkpoint file or run directory")
+    _add_which(p)
     _add_command(p, "GoGePo runs; ARS runs take none")
     _add_context(p, "required there")
     p.add_argument("--out", required=True, help="output file, e.g. policy.pt")
@@ -100,7 +116,8 @@ def _add_views(sub: argparse._SubParsersAction) -> None:
         "'Rendering' lists the system packages each needs.",
     )
     p.add_argument("checkpoint", help="checkpoint file or run directory")
-    _add_command(p, "default: best training return; ARS policies take none")
+    _add_which(p)
+    _add_command(p, "default: the command of the checkpoint's evaluation; ARS policies take none")
     _add_context(p, "default: the first held-out context")
     p.add_argument("--episodes", type=int, default=1, help="episodes, one after the other")
     p.add_argument("--max-steps", type=int, default=None, help="at most this many steps an episode")
@@ -268,14 +285,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _local_learner(path: str):
+def _local_learner(path: str, which: str | None = None):
     import torch
 
     from gogepo_ray import checkpoint as ckpt
     from gogepo_ray.core import make_learner
     from gogepo_ray.envs import policy_spec
 
-    payload = ckpt.load(path)
+    payload = ckpt.load(path, which)
     cfg = ckpt.config_of(payload)
     if cfg.learner.device != "cpu" and not torch.cuda.is_available():
         # A run trained with a GPU learner is evaluated, swept and exported anywhere: the
@@ -305,18 +322,18 @@ def _checkpoint_run_dir(checkpoint: str | Path) -> Path:
     checkpoint file's folder."""
     from gogepo_ray import checkpoint as ckpt
 
-    path = ckpt.resolve(checkpoint)
+    path = ckpt.resolve(checkpoint, None if Path(checkpoint).is_file() else "latest")
     return path.parent.parent if path.parent.name == "checkpoints" else path.parent
 
 
-def _record_failures(checkpoint: str, batch, source: str) -> int:
+def _record_failures(checkpoint: str, batch, source: str, which: str | None = None) -> int:
     """Append the failed episodes of ``batch`` to the run directory's failures.jsonl (the
     file training writes; rows tagged with ``source`` and the checkpoint) and warn once on
     stderr. Returns how many episodes failed."""
     from gogepo_ray import checkpoint as ckpt
     from gogepo_ray.evaluation import failure_rows
 
-    rows = failure_rows(batch, source=source, checkpoint=str(ckpt.resolve(checkpoint)))
+    rows = failure_rows(batch, source=source, checkpoint=str(ckpt.resolve(checkpoint, which)))
     if not rows:
         return 0
     path = _checkpoint_run_dir(checkpoint) / "failures.jsonl"
@@ -370,7 +387,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ConfigError("--episodes must be at least 1")
     from gogepo_ray.core import takes_commands
 
-    cfg, spec, learner = _local_learner(args.checkpoint)
+    cfg, spec, learner = _local_learner(args.checkpoint, args.which)
     if not takes_commands(cfg) and args.command is not None:
         raise ConfigError(f"--command: this is an {cfg.algorithm} run; its policy takes no command")
     _check_command(args.command)
@@ -379,7 +396,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return _eval_family(args, cfg, spec, learner, context)
     command = learner.eval_command() if args.command is None else args.command
     result = _rollouts(cfg, spec).run(learner.propose_eval([command], args.episodes))
-    failed = _record_failures(args.checkpoint, result, "gogepo eval")
+    failed = _record_failures(args.checkpoint, result, "gogepo eval", args.which)
     lengths = [int(n) for n, f in zip(result.lengths, result.failures) if f is None]
     mean, std = mean_std(finished_returns(result))
     out = {
@@ -415,7 +432,7 @@ def _eval_family(args, cfg, spec, learner, context) -> int:
     contexts = learner.contexts.heldout if context is None else context
     commands = None if args.command is None else [args.command] * len(contexts)
     result = _rollouts(cfg, spec).run(learner.propose_eval(commands, args.episodes, contexts))
-    failed = _record_failures(args.checkpoint, result, "gogepo eval")
+    failed = _record_failures(args.checkpoint, result, "gogepo eval", args.which)
     groups = per_context(result)
     cmds = result.commands.reshape(len(contexts), args.episodes)[:, 0]
     rows = [
@@ -452,7 +469,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         raise ConfigError("--episodes must be at least 1")
     from gogepo_ray.core import takes_commands
 
-    cfg, spec, learner = _local_learner(args.checkpoint)
+    cfg, spec, learner = _local_learner(args.checkpoint, args.which)
     if not takes_commands(cfg):
         raise ConfigError(
             f"sweep applies to GoGePo runs: this is an {cfg.algorithm} run, whose one policy takes "
@@ -468,14 +485,15 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if cfg.context is not None:
         return _sweep_family(args, cfg, spec, learner, commands)
     result = _rollouts(cfg, spec).run(learner.propose_eval(commands, args.episodes))
-    _record_failures(args.checkpoint, result, "gogepo sweep")
-    sweep = SweepResult.from_batch(result, len(commands), args.episodes)
+    _record_failures(args.checkpoint, result, "gogepo sweep", args.which)
+    sweep = SweepResult.from_batch(result, len(commands), args.episodes, cfg.env.survival_offset)
     stem = Path(args.out) if args.out else _checkpoint_run_dir(args.checkpoint) / "sweep"
     csv_path, png_path = sweep.write(stem, cfg.env.id)
     print(f"{'command':>10} {'achieved':>10} {'std':>8} {'failed':>6}")
     for c, m, s, f in zip(sweep.commands, sweep.mean, sweep.std, sweep.failed):
         print(f"{c:10.1f} {m:10.1f} {s:8.1f} {f:6d}")
     print(f"mean |achieved − commanded| = {sweep.mean_abs_error:.1f}")
+    _print_fidelity(sweep, learner)
     if sweep.failed_episodes:
         print(
             f"{sweep.failed_episodes} of {len(result.failures)} episodes failed and are left out "
@@ -483,6 +501,17 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         )
     print(f"wrote {csv_path} and {png_path}")
     return 1 if sweep.failed_episodes == len(result.failures) else 0
+
+
+def _print_fidelity(sweep, learner) -> None:
+    low, high = learner.lowest_return, learner.best_return
+    if low is None or high is None:
+        return
+    print(
+        f"command fidelity = {sweep.fidelity(low, high):.3f}  (mean |achieved − commanded| over "
+        f"the commands in the training returns seen, [{low:.1f}, {high:.1f}], over that range; "
+        "training returns, survival offset included)"
+    )
 
 
 def _sweep_family(args, cfg, spec, learner, commands) -> int:
@@ -505,12 +534,14 @@ def _sweep_family(args, cfg, spec, learner, commands) -> int:
         learner.contexts.heldout,
         commands,
         args.episodes,
+        cfg.env.survival_offset,
     )
     for batch in batches:
-        _record_failures(args.checkpoint, batch, "gogepo sweep")
+        _record_failures(args.checkpoint, batch, "gogepo sweep", args.which)
     stem = Path(args.out) if args.out else _checkpoint_run_dir(args.checkpoint) / "sweep"
     paths = sweep.write(stem, cfg.env.id)
     print(sweep.table_markdown())
+    _print_fidelity(sweep, learner)
     if sweep.failed_episodes:
         print(
             f"{sweep.failed_episodes} episodes failed and are left out of the means "
@@ -525,7 +556,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from gogepo_ray.core import takes_commands
     from gogepo_ray.export import export_policy
 
-    cfg, _, learner = _local_learner(args.checkpoint)
+    cfg, _, learner = _local_learner(args.checkpoint, args.which)
     if takes_commands(cfg) and args.command is None:
         raise ConfigError("--command is required: the desired return of the policy to export")
     if not takes_commands(cfg) and args.command is not None:
@@ -551,7 +582,6 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_render(args: argparse.Namespace) -> int:
     import math
 
-    from gogepo_ray import checkpoint as ckpt
     from gogepo_ray.render import describe, prepare_gl, render_policy
 
     if args.episodes < 1:
@@ -563,15 +593,12 @@ def cmd_render(args: argparse.Namespace) -> int:
     if args.out and Path(args.out).suffix.lower() != ".mp4":
         raise ConfigError(f"--out must be an .mp4 file, got {args.out!r}")
     prepare_gl()  # a machine that cannot render says so before anything is loaded
-    cfg, spec, learner = _local_learner(args.checkpoint)
+    cfg, spec, learner = _local_learner(args.checkpoint, args.which)
     _check_command(args.command)
     context = _context(cfg, args.context)
     if cfg.context is not None and context is None:
         context = learner.contexts.heldout[:1]
-    ckpt_path = ckpt.resolve(args.checkpoint)
-    run_dir = (
-        ckpt_path.parent.parent if ckpt_path.parent.name == "checkpoints" else ckpt_path.parent
-    )
+    run_dir = _checkpoint_run_dir(args.checkpoint)
     commands = None if args.command is None else [args.command]
     result = render_policy(
         cfg,

@@ -119,14 +119,24 @@ class BufferConfig(_Section):
     capacity: int = Field(default=10_000, ge=1)
     """Most (θ, R) pairs kept; the oldest go first."""
     recency_exponent: float = Field(default=1.1, ge=0)
-    """Entry of age k (1 = newest) is sampled with weight (1/k)^recency_exponent."""
+    """``sampling: recency``: the entry of age k (1 = newest) is sampled with weight (1/k)^recency_exponent."""
+    sampling: Literal["recency", "buckets"] = "recency"
+    """``recency``: the paper's rule, newest entries first; the oldest entry makes room. ``buckets``: entries grouped into return buckets over [env.return_min, env.return_max] (UDRLPG, arXiv 2501.16288); a bucket is drawn first, higher ones more often, then an entry of it uniformly, and the oldest entry of the fullest bucket makes room, so rare good policies stay (docs "Learning that holds")."""
+    buckets: int = Field(default=10, ge=1)
+    """``sampling: buckets``: how many equal return buckets cut [env.return_min, env.return_max]."""
+    bucket_exponent: float = Field(default=1.0, ge=0)
+    """``sampling: buckets``: bucket i (0 = lowest) that holds entries is drawn with weight (i + 1)^bucket_exponent; 0 draws every bucket alike."""
 
 
 class ExplorationConfig(_Section):
     drive: float = 20.0
     """Exploration command = best training return so far + drive."""
     param_noise: float = Field(default=0.1, ge=0)
-    """σ of the Gaussian noise added to generated parameters of training policies."""
+    """σ of the Gaussian noise added to generated parameters of training policies (with ``noise: adaptive``, its starting value)."""
+    noise: Literal["fixed", "adaptive"] = "fixed"
+    """``fixed``: σ is ``param_noise`` throughout (the paper). ``adaptive``: σ is scaled after every batch of training policies so that a noisy policy's actions differ from the noise-free G(c)'s by ``action_distance`` (Plappert et al. 2018, arXiv 1706.01905)."""
+    action_distance: float = Field(default=0.1, gt=0)
+    """``noise: adaptive``: the target root-mean-square action difference between G(c) + σε and G(c), in units of half the action range, on 64 standard-normal (normalised) observations."""
 
 
 class ArsConfig(_Section):
@@ -280,6 +290,12 @@ class RunConfig(_Section):
     """Where run directories are created."""
     name: str | None = None
     """Run directory name; default ``<env>-<time>-s<seed>``."""
+    eval_command: Literal["best_return", "sweep"] = "best_return"
+    """The command an evaluation asks for. ``best_return``: the best training return so far (the paper). ``sweep``: first ``eval_sweep_commands`` commands spread over (return_min, best return], one episode each, then ``eval_episodes`` episodes of the command whose episode scored highest (the highest such command on a tie); the sweep's episodes count as evaluation steps. ``gogepo eval`` then uses the command the run's last (or best) evaluation chose."""
+    eval_sweep_commands: int = Field(default=5, ge=2)
+    """``eval_command: sweep``: commands in the small sweep that picks an evaluation's command."""
+    restore_drop: float | None = Field(default=None, gt=0, le=1)
+    """Keep the best: when an evaluation scores more than this fraction of (return_max − return_min) below the best evaluation so far, the generator and critic (and their optimisers) of the best evaluation are restored, with the observation statistics they were evaluated under; the buffer stays. None: never restore (the paper)."""
     sweep_commands: int = Field(default=21, ge=2)
     """Commands in the final command sweep, spread over [return_min, return_max]."""
     sweep_at_end: bool = True
@@ -318,6 +334,24 @@ class Config(_Section):
     """Task contexts for an env that is a task family; none (the default) trains on the env's one task."""
     run: RunConfig = Field(default_factory=RunConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @model_validator(mode="after")
+    def _check_eval_command(self) -> Config:
+        if self.run.eval_command != "sweep":
+            return self
+        from gogepo_ray.core import takes_commands
+
+        if not takes_commands(self):
+            raise ValueError(
+                f"run.eval_command: sweep picks a command, and {self.algorithm} policies take none; "
+                "use best_return"
+            )
+        if self.context is not None:
+            raise ValueError(
+                "run.eval_command: sweep is not for task families (each held-out context is "
+                "evaluated at its own estimated best return); use best_return"
+            )
+        return self
 
     @model_validator(mode="after")
     def _check_context(self) -> Config:

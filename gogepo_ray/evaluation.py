@@ -45,6 +45,33 @@ def finished_returns(batch: EpisodeBatch) -> np.ndarray:
     return batch.returns[ok]
 
 
+def choose_command(probe: EpisodeBatch) -> float:
+    """The command of ``run.eval_command: sweep``: the one whose episode scored highest in
+    the evaluation's small sweep (the highest command among equal scores); failed
+    episodes do not count. With every episode failed, the highest command."""
+    ok = np.array([f is None for f in probe.failures], dtype=bool)
+    score = np.where(ok, probe.returns, -np.inf)
+    top = score.max()
+    return (
+        float(probe.commands[score == top].max())
+        if np.isfinite(top)
+        else float(probe.commands.max())
+    )
+
+
+def command_fidelity(commands: np.ndarray, achieved: np.ndarray, low: float, high: float) -> float:
+    """How well commands mean what they say: mean |achieved − commanded| over the commands
+    inside [low, high], the range of training returns seen, divided by (high − low). 0 is a
+    perfect generator. Returns are training returns (the survival offset included), the
+    scale commands are given on. NaN when no command lies in the range or it is empty."""
+    commands = np.broadcast_to(np.asarray(commands, np.float64), np.shape(achieved))
+    achieved = np.asarray(achieved, np.float64)
+    inside = (commands >= low) & (commands <= high) & np.isfinite(achieved)
+    if not high > low or not inside.any():
+        return float("nan")
+    return float(np.abs(achieved[inside] - commands[inside]).mean() / (high - low))
+
+
 def mean_std(returns: np.ndarray) -> tuple[float, float]:
     """Mean and standard deviation; NaN for both when no episode finished."""
     if len(returns) == 0:
@@ -59,10 +86,16 @@ class SweepResult:
     std: np.ndarray  # (C,)
     episodes: int  # episodes run per command
     failed: np.ndarray  # (C,) int, episodes of a command that failed: not in mean and std
+    # (C,) achieved *training* return (true return + survival offset × length), the scale
+    # commands are given on; equal to ``mean`` for envs without a survival offset
+    train_mean: np.ndarray | None = None
 
     @classmethod
-    def from_batch(cls, batch: EpisodeBatch, n_commands: int, episodes: int) -> SweepResult:
+    def from_batch(
+        cls, batch: EpisodeBatch, n_commands: int, episodes: int, survival_offset: float = 0.0
+    ) -> SweepResult:
         returns = batch.returns.reshape(n_commands, episodes)
+        train = returns + survival_offset * batch.lengths.reshape(returns.shape)
         ok = np.array([f is None for f in batch.failures], dtype=bool).reshape(returns.shape)
         mean, std = zip(*[mean_std(r[o]) for r, o in zip(returns, ok)])
         return cls(
@@ -71,7 +104,13 @@ class SweepResult:
             np.array(std),
             episodes,
             (~ok).sum(1),
+            np.array([mean_std(r[o])[0] for r, o in zip(train, ok)]),
         )
+
+    def fidelity(self, low: float, high: float) -> float:
+        """``command_fidelity`` of this sweep over the training returns seen, [low, high]."""
+        achieved = self.mean if self.train_mean is None else self.train_mean
+        return command_fidelity(self.commands, achieved, low, high)
 
     @property
     def failed_episodes(self) -> int:
@@ -126,16 +165,32 @@ class SweepResult:
 
 
 def plot_learning_curve(eval_history: list[list[float]], path: Path, title: str) -> Path:
-    """Evaluation return against training env steps."""
+    """Evaluation return against training env steps, the best and the final evaluation
+    marked (the final one is the last entry of the history)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    if eval_history:
-        steps, means = zip(*[(h[0], h[1]) for h in eval_history])
-        ax.plot(steps, means, "o-", ms=3)
+    points = [(h[0], h[1]) for h in eval_history if np.isfinite(h[1])]
+    if points:
+        steps, means = zip(*points)
+        ax.plot(steps, means, "o-", ms=3, label="evaluation")
+        best = int(np.argmax(means))
+        ax.plot(
+            steps[best], means[best], "*", ms=13, color="tab:green", label=f"best {means[best]:.1f}"
+        )
+        ax.plot(
+            steps[-1],
+            means[-1],
+            "s",
+            ms=8,
+            mfc="none",
+            color="tab:red",
+            label=f"final {means[-1]:.1f}",
+        )
+        ax.legend(loc="lower right", fontsize=8)
     ax.set_xlabel("training env steps")
     ax.set_ylabel("evaluation return (G(best return), no noise)")
     ax.set_title(fit_title(title, 5.0))
@@ -191,9 +246,17 @@ class ContextSweep:
     best_mean: np.ndarray  # (H,) achieved at it
     best_std: np.ndarray  # (H,)
     best_failed: np.ndarray  # (H,) int
+    train_mean: np.ndarray | None = None  # (H, C) achieved training return (see SweepResult)
+
+    def fidelity(self, low: float, high: float) -> float:
+        """``command_fidelity`` over every held-out context × command in [low, high]."""
+        achieved = self.mean if self.train_mean is None else self.train_mean
+        return command_fidelity(self.commands[None, :], achieved, low, high)
 
     @classmethod
-    def run(cls, propose, run, names, contexts, commands, episodes: int) -> ContextSweep:
+    def run(
+        cls, propose, run, names, contexts, commands, episodes: int, survival_offset: float = 0.0
+    ) -> ContextSweep:
         """``propose(commands, episodes, contexts)`` -> ParamBatch (the learner's
         ``propose_eval``), ``run(ParamBatch)`` -> EpisodeBatch (workers or local rollouts)."""
         contexts = np.asarray(contexts, np.float64)
@@ -203,9 +266,14 @@ class ContextSweep:
         best = run(propose(None, episodes, contexts))
         ok = np.array([f is None for f in grid.failures], dtype=bool).reshape(h, c, episodes)
         returns = grid.returns.reshape(h, c, episodes)
-        mean = np.array(
-            [[mean_std(r[o])[0] for r, o in zip(rr, oo)] for rr, oo in zip(returns, ok)]
-        )
+        train = returns + survival_offset * grid.lengths.reshape(h, c, episodes)
+
+        def means(values: np.ndarray) -> np.ndarray:
+            return np.array(
+                [[mean_std(r[o])[0] for r, o in zip(rr, oo)] for rr, oo in zip(values, ok)]
+            )
+
+        mean = means(returns)
         b_ok = np.array([f is None for f in best.failures], dtype=bool).reshape(h, episodes)
         b_ret = best.returns.reshape(h, episodes)
         b_stats = [mean_std(r[o]) for r, o in zip(b_ret, b_ok)]
@@ -220,6 +288,7 @@ class ContextSweep:
             np.array([m for m, _ in b_stats]),
             np.array([s for _, s in b_stats]),
             (~b_ok).sum(1),
+            means(train),
         )
 
     @property

@@ -46,8 +46,10 @@ from gogepo_ray.errors import TrainingError
 from gogepo_ray.evaluation import (
     ContextSweep,
     SweepResult,
+    choose_command,
     failure_rows,
     heldout_metrics,
+    plot_learning_curve,
     sweep_commands,
 )
 from gogepo_ray.types import EpisodeBatch, LearnerStats, ParamBatch
@@ -77,6 +79,9 @@ class Progress:
     worker_restarts: int = 0
     failed_episodes: int = 0
     eval_history: list[list[float]] = field(default_factory=list)  # [env_steps, mean, std]
+    best_eval_return: float | None = None  # the best evaluation so far (checkpoints/best.pt)
+    best_eval_env_steps: int | None = None
+    restores: int = 0  # times run.restore_drop put the best networks back
 
 
 def default_run_dir(cfg: Config) -> Path:
@@ -122,7 +127,9 @@ class Trainer:
         self.learner = learner_actor(cfg, self.spec, learner_state)
         wait_for_learner(self.learner, cfg)
         self.workers = [rollout_actor(cfg, self.spec, i) for i in range(cfg.run.workers)]
-        self._inflight: dict[ray.ObjectRef, tuple[int, ParamBatch | ray.ObjectRef, int]] = {}
+        # ref -> (worker, batch, issued_at, probe): issued_at ≥ 0 marks an evaluation, probe
+        # the small sweep that picks an evaluation's command (run.eval_command: sweep)
+        self._inflight: dict[ray.ObjectRef, tuple[int, ParamBatch | ray.ObjectRef, int, bool]] = {}
         self._stats_refs: list[ray.ObjectRef] = []  # learner steps in progress, oldest first
         self._waiting: list[tuple[int, EpisodeBatch]] = []  # results for the next learner step
         # Workers the learner had no episodes for (ARS, while its iteration's last results
@@ -136,9 +143,11 @@ class Trainer:
             cb.on_start(self)
 
     # ------------------------------------------------------------------ the loop
-    def _submit(self, worker: int, batch: ParamBatch | ray.ObjectRef, issued_at: int) -> None:
+    def _submit(
+        self, worker: int, batch: ParamBatch | ray.ObjectRef, issued_at: int, probe: bool = False
+    ) -> None:
         ref = self.workers[worker].run.remote(batch)
-        self._inflight[ref] = (worker, batch, issued_at)
+        self._inflight[ref] = (worker, batch, issued_at, probe)
 
     def _other_work(self, worker: int) -> bool:
         """Give a free worker the next of the policies a checkpoint had out on workers, or an
@@ -159,8 +168,8 @@ class Trainer:
         self.progress.next_eval_at += self.cfg.run.eval_every * max(
             1, (self.progress.env_steps - at) // self.cfg.run.eval_every + 1
         )
-        ref = self.learner.propose_eval.remote(None, self.cfg.run.eval_episodes)
-        self._submit(worker, ref, at)
+        ref = self.learner.begin_eval.remote(self.cfg.run.eval_episodes)
+        self._submit(worker, ref, at, probe=self.cfg.run.eval_command == "sweep")
 
     def _next_work(self, worker: int) -> None:
         """Work for a worker that brought no training result (start, after an evaluation)."""
@@ -197,30 +206,31 @@ class Trainer:
         self._stats_refs.append(stats)
 
     def _eval_inflight(self) -> bool:
-        return any(issued >= 0 for _, _, issued in self._inflight.values())
+        return any(issued >= 0 for _, _, issued, _ in self._inflight.values())
 
-    def _handle(self, result: EpisodeBatch, issued_at: int, worker: int) -> None:
+    def _handle(
+        self, result: EpisodeBatch, issued_at: int, worker: int, probe: bool = False
+    ) -> bool:
         """Account for a finished batch: evaluations are recorded, training results join the
-        results waiting for the learner's next step."""
+        results waiting for the learner's next step. An evaluation's small sweep (``probe``)
+        sends its chosen command's episodes to the same worker; True when it did."""
         self.progress.rollout_seconds += result.rollout_seconds
         ok = np.array([f is None for f in result.failures], dtype=bool)
         failed = np.flatnonzero(~ok).tolist()
         self._log_failures(result, failed)
         if result.kind == "eval":
             self.progress.eval_env_steps += int(result.lengths.sum())
-            returns = result.returns[ok]
-            mean = float(returns.mean()) if len(returns) else float("nan")
-            std = float(returns.std()) if len(returns) else float("nan")
-            self.progress.eval_history.append([issued_at, mean, std])
-            self.last_eval = mean
-            if result.contexts is not None:
-                self.last_eval_contexts = heldout_metrics(result)
-            for cb in self.callbacks:
-                cb.on_eval(self, issued_at, mean, std)
-            return
+            if probe:
+                ref = self.learner.eval_at.remote(
+                    choose_command(result), self.cfg.run.eval_episodes
+                )
+                self._submit(worker, ref, issued_at)
+                return True
+            self._record_eval(result, issued_at)
+            return False
         if len(result.episode_ids) == 0:  # the learner had nothing to hand out
             self._parked.append(worker)
-            return
+            return False
         self.progress.env_steps += int(result.lengths[ok].sum())
         self.progress.episodes += int(ok.sum())
         self.progress.failed_episodes += len(failed)
@@ -233,6 +243,32 @@ class Trainer:
                 f"Details in {self.run_dir / 'failures.jsonl'}"
             )
         self._waiting.append((worker, result))
+        return False
+
+    def _record_eval(self, result: EpisodeBatch, issued_at: int) -> None:
+        """An evaluation's result: history, callbacks, and the learner's best (a new best is
+        written to checkpoints/best.pt; a fall past run.restore_drop restores it)."""
+        returns = result.returns[[f is None for f in result.failures]]
+        mean = float(returns.mean()) if len(returns) else float("nan")
+        std = float(returns.std()) if len(returns) else float("nan")
+        self.progress.eval_history.append([issued_at, mean, std])
+        self.last_eval = mean
+        if result.contexts is not None:
+            self.last_eval_contexts = heldout_metrics(result)
+        outcome = ray.get(self.learner.end_eval.remote(mean))
+        if outcome["best"]:
+            self.progress.best_eval_return, self.progress.best_eval_env_steps = mean, issued_at
+            self.save_best()
+        if outcome["restored"]:
+            self.progress.restores += 1
+            print(
+                f"note: evaluation {mean:.1f} at {issued_at} steps fell past run.restore_drop "
+                f"below the best ({self.progress.best_eval_return:.1f} at "
+                f"{self.progress.best_eval_env_steps}); the best generator and critic are restored",
+                file=sys.stderr,
+            )
+        for cb in self.callbacks:
+            cb.on_eval(self, issued_at, mean, std)
 
     def _log_failures(self, result: EpisodeBatch, failed: list[int], **extra: str) -> None:
         for row in failure_rows(result, **extra):
@@ -246,18 +282,18 @@ class Trainer:
                     file=sys.stderr,
                 )
 
-    def _collect(self, ref: ray.ObjectRef) -> tuple[int, EpisodeBatch | None, int]:
+    def _collect(self, ref: ray.ObjectRef) -> tuple[int, EpisodeBatch | None, int, bool]:
         """The result of a finished rollout task. A worker that died is replaced and the
         same batch (same episode ids and seeds) is issued again, so no episode is lost or
         counted twice."""
-        worker, batch, issued_at = self._inflight.pop(ref)
+        worker, batch, issued_at, probe = self._inflight.pop(ref)
         try:
             result = ray.get(ref)
             if result.kind == "eval":  # labelled with what the generator had learned from
                 issued = ray.get(batch) if isinstance(batch, ray.ObjectRef) else batch
                 if issued.trained_env_steps >= 0:
                     issued_at = int(issued.trained_env_steps)
-            return worker, result, issued_at
+            return worker, result, issued_at, probe
         except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
             self.progress.worker_restarts += 1
             if self.progress.worker_restarts > self.cfg.run.max_worker_restarts:
@@ -271,8 +307,8 @@ class Trainer:
                 file=sys.stderr,
             )
             self.workers[worker] = rollout_actor(self.cfg, self.spec, worker)
-            self._submit(worker, batch, issued_at)
-            return worker, None, issued_at
+            self._submit(worker, batch, issued_at, probe)
+            return worker, None, issued_at, probe
 
     def _drain_stats(self, block: bool = False) -> None:
         while self._stats_refs:
@@ -296,11 +332,11 @@ class Trainer:
             if self._stats_refs and ready[0] == self._stats_refs[0]:
                 self._drain_stats()
             else:
-                worker, result, issued_at = self._collect(ready[0])
+                worker, result, issued_at, probe = self._collect(ready[0])
                 if result is None:
                     continue
-                self._handle(result, issued_at, worker)
-                if result.kind == "eval":
+                resubmitted = self._handle(result, issued_at, worker, probe)
+                if result.kind == "eval" and not resubmitted:
                     self._next_work(worker)
             if self._waiting and not self._stats_refs:  # the learner is free
                 self._dispatch_waiting()
@@ -316,9 +352,9 @@ class Trainer:
         """Finish every episode still running, so counters and buffer agree."""
         while self._inflight:
             ready, _ = ray.wait(list(self._inflight), num_returns=1)
-            worker, result, issued_at = self._collect(ready[0])
+            worker, result, issued_at, probe = self._collect(ready[0])
             if result is not None:
-                self._handle(result, issued_at, worker)
+                self._handle(result, issued_at, worker, probe)
         if self._waiting:
             self._dispatch_waiting(give_work=False)
         self._drain_stats(block=True)
@@ -368,6 +404,26 @@ class Trainer:
         eps = episodes or self.cfg.run.eval_episodes
         return self.run_batch(ray.get(self.learner.propose_eval.remote(commands, eps, contexts)))
 
+    def evaluate_now(self) -> EpisodeBatch:
+        """A periodic evaluation run at once on all workers, as the loop runs one (for
+        ``run.eval_command: sweep`` its small sweep first, its episodes counted as
+        evaluation steps); recorded at the current step. Returns the evaluation's episodes."""
+        eps = self.cfg.run.eval_episodes
+        batch = self.run_batch(ray.get(self.learner.begin_eval.remote(eps)))
+        if self.cfg.run.eval_command == "sweep":
+            self._account(batch, "eval sweep")
+            command = choose_command(batch)
+            batch = self.run_batch(ray.get(self.learner.eval_at.remote(command, eps)))
+        self._handle(batch, self.progress.env_steps, -1)
+        return batch
+
+    def _account(self, result: EpisodeBatch, source: str) -> None:
+        """Count an evaluation-kind batch run outside the loop (sweeps) and log its failures."""
+        self.progress.eval_env_steps += int(result.lengths.sum())
+        self.progress.rollout_seconds += result.rollout_seconds
+        failed = [i for i, f in enumerate(result.failures) if f is not None]
+        self._log_failures(result, failed, source=source)
+
     def sweep(self, episodes: int = 1) -> SweepResult | ContextSweep:
         """Achieved against commanded return over the env's return range; for a task family
         over held-out contexts × commands, with the held-out table."""
@@ -386,27 +442,24 @@ class Trainer:
                 self.cfg.context.heldout,
                 commands,
                 episodes,
+                self.cfg.env.survival_offset,
             )
             for result in runs:
-                self.progress.eval_env_steps += int(result.lengths.sum())
-                self.progress.rollout_seconds += result.rollout_seconds
-                failed = [i for i, f in enumerate(result.failures) if f is not None]
-                self._log_failures(result, failed, source="sweep")
+                self._account(result, "sweep")
             return sweep
         result = self.evaluate(commands, episodes)
-        self.progress.eval_env_steps += int(result.lengths.sum())
-        self.progress.rollout_seconds += result.rollout_seconds
-        failed = [i for i, f in enumerate(result.failures) if f is not None]
-        self._log_failures(result, failed, source="sweep")  # left out of the sweep's means
-        return SweepResult.from_batch(result, len(commands), episodes)
+        self._account(result, "sweep")  # failed episodes are left out of the sweep's means
+        return SweepResult.from_batch(result, len(commands), episodes, self.cfg.env.survival_offset)
 
     def finish(self) -> dict:
         """Drain, final evaluation, final checkpoint, command sweep, summary.json."""
         if self._finished:
             return json.loads((self.run_dir / "summary.json").read_text())
         self._drain_inflight()
-        final = self.evaluate()
-        self._handle(final, self.progress.env_steps, -1)
+        restores = self.progress.restores
+        final = self.evaluate_now()
+        if self.progress.restores > restores:  # the run ends with the best networks: their score
+            final = self.evaluate_now()
         final_mean = self.last_eval
         self.latest_stats = ray.get(self.learner.stats.remote())
         self.save_checkpoint(final=True)
@@ -415,6 +468,14 @@ class Trainer:
             sweep = self.sweep()
             sweep.write(self.run_dir / "sweep", self.cfg.env.id)
         summary = self.summary(final_eval=final_mean)
+        summary["command_fidelity"] = None
+        if sweep is not None and self.latest_stats is not None:
+            low = self.latest_stats.metrics.get("train/lowest_return", float("nan"))
+            fidelity = sweep.fidelity(low, self.latest_stats.best_return)
+            summary["command_fidelity"] = fidelity if np.isfinite(fidelity) else None
+        plot_learning_curve(
+            summary["eval_history"], self.run_dir / "learning_curve.png", self.cfg.env.id
+        )
         if self.cfg.context is not None:  # the final evaluation, per held-out context
             summary["heldout"] = dict(self.last_eval_contexts)
         # failed episodes are left out of the final evaluation's and the sweep's means
@@ -441,7 +502,12 @@ class Trainer:
             "eval_env_steps": p.eval_env_steps,
             "best_train_return": stats.best_return if stats else None,
             "eval_history": [[int(s), m] for s, m, _ in p.eval_history],
+            "eval_command": self.cfg.run.eval_command,
             "final_eval_return": final_eval if final_eval is not None else self.last_eval,
+            "final_eval_env_steps": p.eval_history[-1][0] if p.eval_history else None,
+            "best_eval_return": p.best_eval_return,
+            "best_eval_env_steps": p.best_eval_env_steps,
+            "restores": p.restores,
             "wall_seconds": self.wall_seconds,
             "learner_seconds": learner_seconds,
             "learner_seconds_per_episode": learner_seconds / max(1, p.episodes),
@@ -462,16 +528,32 @@ class Trainer:
         progress = self.progress.__dict__ | {"wall_seconds": self.wall_seconds}
         # Policies handed out but not finished yet are part of the state: a resumed run
         # issues exactly these again instead of drawing new ones.
+        # An evaluation's small sweep is not carried over: the resumed run begins that
+        # evaluation again, as the learner's copy of its networks is not in the checkpoint.
         inflight = [
             _batch_to_state(
                 ray.get(batch) if isinstance(batch, ray.ObjectRef) else batch, issued_at
             )
-            for _, batch, issued_at in sorted(self._inflight.values(), key=lambda v: v[0])
+            for _, batch, issued_at, probe in sorted(self._inflight.values(), key=lambda v: v[0])
+            if not probe
         ]
         inflight += [_batch_to_state(b, at) for b, at in self._resume_batches]
+        probes = [at for _, _, at, probe in self._inflight.values() if probe]
+        if probes:
+            progress["next_eval_at"] = min(progress["next_eval_at"], *probes)
         return ckpt.payload(
             cfg=self.cfg, learner=learner_state, progress=progress, inflight=inflight
         )
+
+    def save_best(self) -> Path | None:
+        """Write the learner's best evaluation to checkpoints/best.pt (the generator, critic
+        and observation statistics it was evaluated with, and its command)."""
+        learner_state = ray.get(self.learner.best_state_dict.remote())
+        if learner_state is None:
+            return None
+        progress = self.progress.__dict__ | {"wall_seconds": self.wall_seconds}
+        state = ckpt.payload(cfg=self.cfg, learner=learner_state, progress=progress)
+        return ckpt.save(self.run_dir / "checkpoints" / "best.pt", state)
 
     def save_checkpoint(self, final: bool = False) -> Path:
         """Write the run state atomically to checkpoints/latest.pt (and final.pt at the end)."""

@@ -147,6 +147,12 @@ class ArsLearner(StreamingLearner):
         self.next_eval_id += n
         return self._batch("eval", ids, np.tile(self.policy_params, (n, 1)))
 
+    def _nets_state(self) -> dict:
+        return {"policy_params": torch.from_numpy(self.policy_params.copy())}
+
+    def _load_nets_state(self, nets: dict) -> None:
+        self.policy_params = nets["policy_params"].numpy().astype(np.float64)
+
     # ------------------------------------------------------------------ learning
     def take_in(self, batch: EpisodeBatch) -> int:
         """Record the returns of finished episodes of this iteration and keep their
@@ -210,7 +216,11 @@ class ArsLearner(StreamingLearner):
             learner_seconds=self.learner_seconds,
             update_seconds=update_seconds,
             rounds=self.iteration,
-            metrics={"ars/policy_norm": float(np.linalg.norm(self.policy_params))} | self.figures,
+            metrics={
+                "ars/policy_norm": float(np.linalg.norm(self.policy_params)),
+                "eval/restores": self.restores,
+            }
+            | self.figures,
         )
 
     # ------------------------------------------------------------------ checkpointing
@@ -232,6 +242,7 @@ class ArsLearner(StreamingLearner):
             "pending_stats": stats(self.pending_stats),
             "best_return": self.best_return,
             "figures": dict(self.figures),
+            **self._eval_state(),
             "counters": {
                 "iteration": self.iteration,
                 "issued": self.issued,
@@ -269,6 +280,7 @@ class ArsLearner(StreamingLearner):
         self.pending_stats = stats(state["pending_stats"])
         self.best_return = state["best_return"]
         self.figures = {k: float(v) for k, v in state["figures"].items()}
+        self._load_eval_state(state)
         self.env_steps, self.episodes = int(c["env_steps"]), int(c["episodes"])
         self.failed_episodes = int(c["failed_episodes"])
         self.next_eval_id = int(c["next_eval_id"])

@@ -150,3 +150,117 @@ class ReplayBuffer:
         for p, r, x in zip(params[keep], returns[keep].tolist(), contexts[keep]):
             self.add(p, r, x)
         self.total_added = int(state["total_added"])
+
+
+class BucketBuffer(ReplayBuffer):
+    """Replay buffer whose entries are grouped by return, in the manner of UDRLPG (Di Ventura
+    et al. 2025, arXiv 2501.16288, "decoupling the sampling probability from the number of
+    policies in the buffer").
+
+    The return range [low, high] is cut into ``buckets`` equal buckets (returns outside it
+    fall in the end buckets). Sampling first draws a bucket, bucket i (0 = lowest) with
+    weight (i + 1)^bucket_exponent among the buckets that hold an entry, then an entry of
+    that bucket uniformly: a handful of good policies is drawn as often as thousands of
+    poor ones, and the higher buckets more often than the lower. When the buffer is full, a
+    new entry replaces the oldest entry of the fullest bucket, so the few policies of a high
+    bucket stay however many poor episodes follow them.
+    """
+
+    def __init__(
+        self,
+        capacity: int,
+        num_params: int,
+        low: float,
+        high: float,
+        buckets: int = 10,
+        bucket_exponent: float = 1.0,
+        context_dim: int = 0,
+    ) -> None:
+        super().__init__(capacity, num_params, 0.0, context_dim)
+        if not high > low:
+            raise ValueError("the bucket range needs high > low")
+        if buckets < 1:
+            raise ValueError("buckets must be at least 1")
+        self.low, self.high, self.buckets = float(low), float(high), int(buckets)
+        self.bucket_exponent = float(bucket_exponent)
+        self._bucket_weights = torch.arange(1, buckets + 1, dtype=torch.float64).pow(
+            bucket_exponent
+        )  # (buckets,)
+        self._bucket = torch.zeros(0, dtype=torch.int64)  # per slot
+        self._order = torch.zeros(0, dtype=torch.int64)  # per slot: total_added when written
+
+    def bucket_of(self, episode_return: float) -> int:
+        frac = (float(episode_return) - self.low) / (self.high - self.low)
+        return min(self.buckets - 1, max(0, int(frac * self.buckets)))
+
+    def add(
+        self,
+        policy_params: torch.Tensor,
+        episode_return: float,
+        context: torch.Tensor | None = None,
+    ) -> None:
+        n = len(self)
+        if n < self.capacity:
+            slot = n
+        else:  # the oldest entry of the fullest bucket makes room
+            held = self._bucket[:n]
+            fullest = int(torch.bincount(held, minlength=self.buckets).argmax())
+            order = torch.where(held == fullest, self._order[:n], torch.iinfo(torch.int64).max)
+            slot = int(order.argmin())
+            self._head = slot  # the base class writes the slot at _head once full
+        if slot >= len(self._bucket):
+            size = min(self.capacity, max(16, 2 * slot))
+            grow = size - len(self._bucket)
+            self._bucket = torch.cat([self._bucket, torch.zeros(grow, dtype=torch.int64)])
+            self._order = torch.cat([self._order, torch.zeros(grow, dtype=torch.int64)])
+        self._bucket[slot] = self.bucket_of(episode_return)
+        self._order[slot] = self.total_added
+        super().add(policy_params, episode_return, context)
+
+    def bucket_counts(self) -> torch.Tensor:
+        """Entries held per bucket, (buckets,)."""
+        return torch.bincount(self._bucket[: len(self)], minlength=self.buckets)
+
+    def entry_probabilities(self) -> torch.Tensor:
+        """Sampling probability of every stored entry, in slot order, (n,)."""
+        held = self._bucket[: len(self)]
+        counts = torch.bincount(held, minlength=self.buckets).double()
+        per_entry = (self._bucket_weights / counts.clamp_min(1))[held]
+        return per_entry / per_entry.sum()
+
+    def sample(
+        self, batch_size: int, rng: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if len(self) == 0:
+            raise RuntimeError("cannot sample from an empty replay buffer")
+        slots = torch.multinomial(
+            self.entry_probabilities(), batch_size, replacement=True, generator=rng
+        ).tolist()
+        params = torch.stack([self._params[s] for s in slots])
+        return params, self._returns[slots].float(), self._contexts[slots]
+
+    def _oldest_first(self) -> list[int]:
+        return torch.argsort(self._order[: len(self)]).tolist()
+
+    def returns_in_order(self) -> list[float]:
+        return self._returns[self._oldest_first()].tolist()
+
+    def state_dict(self) -> dict:
+        order = self._oldest_first()
+        n = len(order)
+        state = {
+            "params": torch.stack([self._params[i] for i in order])
+            if n
+            else torch.zeros(0, self.num_params),
+            "returns": self._returns[order] if n else torch.zeros(0, dtype=torch.float64),
+            "total_added": self.total_added,
+        }
+        if self.context_dim:
+            state["contexts"] = self._contexts[order] if n else torch.zeros(0, self.context_dim)
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self._bucket = torch.zeros(0, dtype=torch.int64)
+        self._order = torch.zeros(0, dtype=torch.int64)
+        self.total_added = 0  # re-added oldest first, so their order numbers stay in order
+        super().load_state_dict(state)

@@ -12,7 +12,14 @@ With many workers the learner takes in every episode that arrived since its last
 workers that sent them. With one worker and 1 round per episode this is the paper's
 sequence: episode, round, next policy.
 Exploration: command c = best training return so far + drive; θ = G(c) + σ·ε, ε ~ N(0, I).
-Evaluation: G(best training return), no noise.
+With ``exploration.noise: adaptive`` σ follows a target distance in action space
+(Plappert et al. 2018): after each batch, σ ← σ·√(δ / d), d the RMS difference of tanh
+outputs of G(c) + σε and G(c) on fixed standard-normal observations.
+Evaluation: G(best training return), no noise; with ``run.eval_command: sweep`` the
+command whose episode scored highest on a small sweep (``begin_eval`` / ``eval_at``).
+Every periodic evaluation keeps a copy of the networks it evaluated; ``end_eval`` keeps the
+best of them (``best_state_dict``, the run's ``checkpoints/best.pt``) and, with
+``run.restore_drop``, restores it when an evaluation falls far below it.
 Task families (``core.context``): every training episode runs on a context x drawn from the
 training distribution, with command best(x) + drive, θ = G(c, x) + σ·ε; evaluation runs
 G(best(x), x) on every held-out x.
@@ -32,12 +39,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from gogepo_ray.core.buffer import ReplayBuffer
+from gogepo_ray.core.buffer import BucketBuffer, ReplayBuffer
 from gogepo_ray.core.context import TaskContexts
 from gogepo_ray.core.critic import Critic
 from gogepo_ray.core.generator import Generator
 from gogepo_ray.core.normalizer import ObsStats
-from gogepo_ray.core.policy import PolicySpec
+from gogepo_ray.core.policy import PolicySpec, policy_preactivation
 from gogepo_ray.sysinfo import resolve_precision
 from gogepo_ray.types import EpisodeBatch, Kind, LearnerStats, ParamBatch, episode_seed
 
@@ -233,6 +240,102 @@ class StreamingLearner:
         self.learner_seconds += took
         return [*out, self.stats(took)]
 
+    # ------------------------------------------------------------------ evaluations
+    # A periodic evaluation is begin_eval (the learner keeps a copy of the networks it
+    # evaluates), for eval_command sweep eval_at, then end_eval with the mean return.
+    best_eval: dict | None = None  # the best evaluation: return, env_steps, command, nets
+    restores: int = 0
+    _candidate: dict | None = None  # the evaluation in progress
+
+    def _nets_state(self) -> dict:
+        """Copies of what an evaluation evaluates, by their state_dict keys."""
+        raise NotImplementedError
+
+    def _load_nets_state(self, nets: dict) -> None:
+        raise NotImplementedError
+
+    def _best_command_fields(self, command: float | None) -> dict:
+        """state_dict entries that make ``eval_command()`` answer ``command``."""
+        return {}
+
+    def _obs_state(self) -> dict:
+        return {k: torch.tensor(v) for k, v in self.obs_stats.state_dict().items()}
+
+    def begin_eval(self, episodes: int) -> ParamBatch:
+        """The policies of a periodic evaluation (for eval_command sweep: its small sweep,
+        one episode a command). The networks they come from are kept until ``end_eval``."""
+        self._candidate = {
+            "nets": self._nets_state(),
+            "obs_stats": self._obs_state(),
+            "env_steps": self.env_steps,
+            "command": None,
+        }
+        batch = self.first_eval_batch(episodes)
+        if self._candidate.get("probe") is None and np.isfinite(batch.commands).any():
+            self._candidate["command"] = float(batch.commands[0])
+        return batch
+
+    def first_eval_batch(self, episodes: int) -> ParamBatch:
+        return self.propose_eval(None, episodes)
+
+    def end_eval(self, mean: float) -> dict:
+        """Record the mean return of the evaluation begun last. It becomes the best one when
+        it beats it; with ``run.restore_drop`` an evaluation that falls more than that
+        fraction of the return range below the best restores the best networks and the
+        observation statistics they were evaluated with (the buffer stays)."""
+        cand, self._candidate = self._candidate, None
+        out = {"best": False, "restored": False}
+        if cand is None or not math.isfinite(mean):
+            return out
+        best = self.best_eval
+        if best is None or mean > best["return"]:
+            self.best_eval = {
+                "return": float(mean),
+                "env_steps": int(cand["env_steps"]),
+                "command": cand["command"],
+                "nets": cand["nets"],
+                "obs_stats": cand["obs_stats"],
+            }
+            out["best"] = True
+            return out
+        drop = self.cfg.run.restore_drop
+        span = self.cfg.env.return_max - self.cfg.env.return_min
+        if drop is not None and mean < best["return"] - drop * span:
+            self._load_nets_state(_cloned(best["nets"]))
+            # The generated weights mean something only with the normalisation they were
+            # evaluated under (a balanced pendulum shrinks the observations' spread, and the
+            # same weights then act on inputs many times larger), so it comes back too.
+            obs = best["obs_stats"]
+            self.obs_stats = ObsStats.from_state_dict(
+                {
+                    "count": int(obs["count"]),
+                    "mean": obs["mean"].numpy().copy(),
+                    "m2": obs["m2"].numpy().copy(),
+                }
+            )
+            self.restores += 1
+            out["restored"] = True
+        return out
+
+    def best_state_dict(self) -> dict | None:
+        """The learner state with the networks (and observation statistics) of the best
+        evaluation: what ``checkpoints/best.pt`` holds. None before any evaluation."""
+        if self.best_eval is None:
+            return None
+        state = self.state_dict()
+        state.update(_cloned(self.best_eval["nets"]))
+        state["obs_stats"] = _cloned(self.best_eval["obs_stats"])
+        state.update(self._best_command_fields(self.best_eval["command"]))
+        return state
+
+    def _eval_state(self) -> dict:
+        return {"best_eval": self.best_eval, "restores": self.restores}
+
+    def _load_eval_state(self, state: dict) -> None:
+        self.best_eval = state.get("best_eval")
+        self.restores = int(state.get("restores", 0))
+        self._candidate = None
+
     def ingest(self, batch: EpisodeBatch) -> LearnerStats:
         """Take in one worker's finished training episodes and learn from them."""
         return self.step([batch], [])[-1]
@@ -246,6 +349,17 @@ def _on_cpu(tree):
         return {k: _on_cpu(v) for k, v in tree.items()}
     if isinstance(tree, (list, tuple)):
         return type(tree)(_on_cpu(v) for v in tree)
+    return tree
+
+
+def _cloned(tree):
+    """A (nested) state dict with every tensor copied (to the CPU)."""
+    if isinstance(tree, torch.Tensor):
+        return tree.detach().to("cpu", copy=True)
+    if isinstance(tree, dict):
+        return {k: _cloned(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_cloned(v) for v in tree)
     return tree
 
 
@@ -311,12 +425,33 @@ class Learner(StreamingLearner):
             self.generator_opt,
             self.device,
         )
-        self.buffer = ReplayBuffer(
-            cfg.buffer.capacity, spec.num_params, cfg.buffer.recency_exponent, context_dim=k
-        )
+        b = cfg.buffer
+        if b.sampling == "buckets":
+            self.buffer: ReplayBuffer = BucketBuffer(
+                b.capacity,
+                spec.num_params,
+                cfg.env.return_min,
+                cfg.env.return_max,
+                b.buckets,
+                b.bucket_exponent,
+                context_dim=k,
+            )
+        else:
+            self.buffer = ReplayBuffer(
+                b.capacity, spec.num_params, b.recency_exponent, context_dim=k
+            )
         self.obs_stats = ObsStats(spec.obs_dim)
         self.rng = torch.Generator().manual_seed(cfg.run.seed)  # noise and buffer sampling
+        self.param_noise = cfg.exploration.param_noise  # σ now (adaptive noise moves it)
+        # where adaptive noise measures the action distance: normalised observations
+        self._noise_states = torch.randn(
+            64, spec.obs_dim, generator=torch.Generator().manual_seed(cfg.run.seed + 1)
+        )  # (64, obs_dim)
+        self.chosen_command: float | None = None  # eval_command sweep: the last one chosen
+        self._last_eval_params: torch.Tensor | None = None  # G(c_eval) of the last evaluation
+        self._diag: dict[str, float] = {}  # diagnostics of the last evaluation
         self.best_return: float | None = None
+        self.lowest_return: float | None = None  # lowest training return taken in
         self.env_steps = 0
         self.episodes = 0
         self.failed_episodes = 0
@@ -344,11 +479,27 @@ class Learner(StreamingLearner):
             x = None if contexts is None else self.contexts.normalise(contexts).to(self.device)
             params = self.generator(c, x).cpu()  # (n, D)
             if noise > 0:
+                clean = params
                 params = params + noise * torch.randn(params.shape, generator=self.rng)
+                if self.cfg.exploration.noise == "adaptive":
+                    self._adapt_noise(clean, params)
         n = len(commands)
         ids = np.arange(self.next_id[kind], self.next_id[kind] + n, dtype=np.int64)
         self.next_id[kind] += n
         return self.param_batch(kind, ids, commands, params.numpy())._replace(contexts=contexts)
+
+    def _adapt_noise(self, clean: torch.Tensor, noisy: torch.Tensor) -> None:
+        """σ ← σ·√(δ/d), within a factor 2 per batch: d is the RMS difference between the
+        tanh outputs (actions in units of half the action range) of the noisy policies and
+        their noise-free ones on fixed standard-normal observations, δ the target."""
+        states = self._noise_states
+        a = torch.tanh(policy_preactivation(self.spec, clean, states))  # (n, 64, act_dim)
+        b = torch.tanh(policy_preactivation(self.spec, noisy, states))
+        d = float((a - b).pow(2).mean().sqrt())
+        self._last["action_distance"] = d
+        if d > 0:
+            factor = math.sqrt(self.cfg.exploration.action_distance / d)
+            self.param_noise *= min(2.0, max(0.5, factor))
 
     def propose(self, n: int) -> ParamBatch:
         """n exploration policies from the newest generator: G(best + drive) + σ·ε; for a
@@ -357,10 +508,10 @@ class Learner(StreamingLearner):
         drive = self.cfg.exploration.drive
         if self.contexts is None:
             command = exploration_command(self.best_return, drive)
-            return self._batch("train", np.full(n, command), self.cfg.exploration.param_noise)
+            return self._batch("train", np.full(n, command), self.param_noise)
         contexts = self.contexts.sample(n, self.rng)
         commands = self.best_for(contexts) + drive
-        return self._batch("train", commands, self.cfg.exploration.param_noise, contexts)
+        return self._batch("train", commands, self.param_noise, contexts)
 
     def best_for(self, contexts: np.ndarray) -> np.ndarray:
         """Estimated best training return of each task context (m, k) (``core.context``);
@@ -370,10 +521,117 @@ class Learner(StreamingLearner):
 
     def eval_command(self, context: np.ndarray | None = None) -> float:
         """The command evaluation asks for: the best training return so far (for a task
-        family: the estimated best of ``context``)."""
+        family: the estimated best of ``context``); with ``run.eval_command: sweep`` the
+        command the last evaluation chose, once there is one."""
         if context is not None:
             return float(self.best_for(np.asarray(context, np.float64).reshape(1, -1))[0])
+        if self.cfg.run.eval_command == "sweep" and self.chosen_command is not None:
+            return self.chosen_command
         return 0.0 if self.best_return is None else self.best_return
+
+    def probe_commands(self) -> np.ndarray:
+        """The small sweep of ``run.eval_command: sweep``: ``eval_sweep_commands`` commands
+        evenly spread over (return_min, best training return], the highest first."""
+        top = self.cfg.env.return_max if self.best_return is None else self.best_return
+        low = min(self.cfg.env.return_min, top)
+        k = self.cfg.run.eval_sweep_commands
+        return np.linspace(low, top, k + 1)[1:][::-1].copy()
+
+    def first_eval_batch(self, episodes: int) -> ParamBatch:
+        self._diagnose()
+        if self.cfg.run.eval_command != "sweep":
+            return self.propose_eval(None, episodes)
+        batch = self._batch("eval", self.probe_commands(), 0.0)
+        self._candidate["probe"] = batch
+        return batch
+
+    def eval_at(self, command: float, episodes: int) -> ParamBatch:
+        """``episodes`` copies of the policy the evaluation's sweep wrote for ``command``
+        (the one it chose), with the statistics that sweep ran with: the very policy the
+        sweep measured, whatever the learner has learned since."""
+        probe: ParamBatch = self._candidate["probe"]
+        i = int(np.argmin(np.abs(probe.commands - command)))
+        chosen = float(probe.commands[i])
+        self.chosen_command = chosen
+        self._candidate["command"] = chosen
+        ids = np.arange(self.next_id["eval"], self.next_id["eval"] + episodes, dtype=np.int64)
+        self.next_id["eval"] += episodes
+        fresh = self.param_batch(
+            "eval", ids, np.full(episodes, chosen), probe.policy_params[[i] * episodes]
+        )
+        return probe._replace(
+            episode_ids=fresh.episode_ids,
+            seeds=fresh.seeds,
+            commands=fresh.commands,
+            policy_params=fresh.policy_params,
+        )
+
+    def _diagnose(self) -> None:
+        """What moves when a run falls (docs "Learning that holds"), measured at every
+        periodic evaluation: the buffer's returns, the critic's error on the buffer's best
+        policies, V(G(c)) against c at the evaluation command, how far G(c_eval) moved since
+        the last evaluation, and the exploration noise against the generated weights."""
+        n = len(self.buffer)
+        if n == 0 or self.contexts is not None:
+            return
+        _, returns = self.buffer.contexts_and_returns()
+        top = torch.topk(returns, min(32, n)).indices
+        span = self.cfg.env.return_max - self.cfg.env.return_min
+        with torch.no_grad():
+            params = torch.stack([self.buffer._params[int(i)] for i in top])
+            v_top = self.critic(params.to(self.device)).cpu().double()
+            c = self.eval_command()
+            g = self.generator(torch.tensor([c], dtype=torch.float32, device=self.device))
+            v_g = float(self.critic(g))
+            g = g.cpu()[0]
+        d = {
+            "buffer/return_mean": float(returns.mean()),
+            "buffer/return_p90": float(torch.quantile(returns, 0.9)),
+            "buffer/return_max": float(returns.max()),
+            "buffer/top_share": float((returns >= returns.max() - 0.1 * span).double().mean()),
+            "diag/critic_error_top": float((v_top - returns[top]).abs().mean()),
+            "diag/critic_gap_eval": v_g - c,
+            "diag/generated_norm": float(g.norm()),
+            "diag/noise_to_weights": self.param_noise
+            * math.sqrt(g.numel())
+            / max(float(g.norm()), 1e-12),
+        }
+        if self._last_eval_params is not None:
+            prev = self._last_eval_params
+            d["diag/eval_drift"] = float((g - prev).norm()) / max(float(prev.norm()), 1e-12)
+        self._last_eval_params = g
+        if isinstance(self.buffer, BucketBuffer):
+            counts = self.buffer.bucket_counts()
+            d["buffer/top_bucket_size"] = float(counts[counts > 0][-1])
+        self._diag = d
+
+    def _nets_state(self) -> dict:
+        return _cloned(
+            {
+                "generator": self.generator.state_dict(),
+                "critic": self.critic.state_dict(),
+                "generator_opt": self.generator_opt.state_dict(),
+                "critic_opt": self.critic_opt.state_dict(),
+            }
+        )
+
+    def _load_nets_state(self, nets: dict) -> None:
+        self.generator.load_state_dict(nets["generator"])
+        self.critic.load_state_dict(nets["critic"])
+        _load_optimiser(self.generator_opt, nets["generator_opt"])
+        _load_optimiser(self.critic_opt, nets["critic_opt"])
+        # The optimisers' state tensors are new objects: a captured step would update the old.
+        self._critic_update.reset()
+        self._generator_update.reset()
+        if self.best_eval is not None and self.best_eval["command"] is not None:
+            self.chosen_command = (
+                self.best_eval["command"] if self.cfg.run.eval_command == "sweep" else None
+            )
+
+    def _best_command_fields(self, command: float | None) -> dict:
+        if command is None or self.contexts is not None:  # a family's commands are per context
+            return {}
+        return {"best_return": command, "chosen_command": command}
 
     def propose_eval(
         self,
@@ -483,6 +741,7 @@ class Learner(StreamingLearner):
         for p, r, xi in zip(params, train_returns, x):
             self.buffer.add(p, r, xi)
             self.best_return = r if self.best_return is None else max(self.best_return, r)
+            self.lowest_return = r if self.lowest_return is None else min(self.lowest_return, r)
         self._last["return"] = float(np.mean(train_returns))
         self.env_steps += int(batch.lengths[ok].sum())
         self.episodes += len(ok)
@@ -505,6 +764,7 @@ class Learner(StreamingLearner):
             "losses/critic": self._last["critic_loss"],
             "losses/generator": self._last["generator_loss"],
             "losses/critic_fresh_error": self._last["fresh"],
+            "explore/action_distance": self._last.get("action_distance"),
         }
         return LearnerStats(
             env_steps=self.env_steps,
@@ -515,7 +775,13 @@ class Learner(StreamingLearner):
             learner_seconds=self.learner_seconds,
             update_seconds=update_seconds,
             rounds=self.rounds,
-            metrics={"buffer/size": len(self.buffer)}
+            metrics={
+                "buffer/size": len(self.buffer),
+                "explore/param_noise": self.param_noise,
+                "eval/restores": self.restores,
+            }
+            | ({} if self.lowest_return is None else {"train/lowest_return": self.lowest_return})
+            | self._diag
             | {k: v for k, v in metrics.items() if v is not None},
         )
 
@@ -535,6 +801,10 @@ class Learner(StreamingLearner):
             "rng": self.rng.get_state(),
             "torch_rng": torch.get_rng_state(),
             "best_return": self.best_return,
+            "chosen_command": self.chosen_command,
+            "lowest_return": self.lowest_return,
+            "param_noise": self.param_noise,
+            **self._eval_state(),
             "counters": {
                 "env_steps": self.env_steps,
                 "episodes": self.episodes,
@@ -563,6 +833,10 @@ class Learner(StreamingLearner):
         self.rng.set_state(state["rng"])
         torch.set_rng_state(state["torch_rng"])
         self.best_return = state["best_return"]
+        self.chosen_command = state.get("chosen_command")
+        self.lowest_return = state.get("lowest_return")
+        self.param_noise = float(state.get("param_noise", self.cfg.exploration.param_noise))
+        self._load_eval_state(state)
         c = state["counters"]
         self.env_steps, self.episodes = int(c["env_steps"]), int(c["episodes"])
         self.failed_episodes = int(c["failed_episodes"])

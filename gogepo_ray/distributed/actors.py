@@ -35,9 +35,6 @@ class LearnerActor:
         if state is not None:
             self.learner.load_state_dict(state)
 
-    def ingest(self, batch: EpisodeBatch) -> LearnerStats:
-        return self.learner.ingest(batch)
-
     def step(self, batches: list[EpisodeBatch], proposals: list[int]) -> list:
         out = self.learner.step(batches, proposals)
         return out if len(out) > 1 else out[0]  # Ray unpacks a list only for num_returns > 1
@@ -49,6 +46,18 @@ class LearnerActor:
         self, commands: list[float] | None = None, episodes: int = 1, contexts=None
     ) -> ParamBatch:
         return self.learner.propose_eval(commands, episodes, contexts)
+
+    def begin_eval(self, episodes: int) -> ParamBatch:
+        return self.learner.begin_eval(episodes)
+
+    def eval_at(self, command: float, episodes: int) -> ParamBatch:
+        return self.learner.eval_at(command, episodes)
+
+    def end_eval(self, mean: float) -> dict:
+        return self.learner.end_eval(mean)
+
+    def best_state_dict(self) -> dict | None:
+        return self.learner.best_state_dict()
 
     def stats(self) -> LearnerStats:
         return self.learner.stats()

@@ -1,0 +1,242 @@
+"""Learning that holds: the bucketed buffer, adaptive noise, the evaluation command rules,
+the best evaluation (best.pt, --checkpoint) and keep-the-best, and command fidelity."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from gogepo_ray import checkpoint as ckpt
+from gogepo_ray.config import ConfigError, build_config, load_config
+from gogepo_ray.core.buffer import BucketBuffer
+from gogepo_ray.core.learner import Learner
+from gogepo_ray.envs import policy_spec
+from gogepo_ray.evaluation import choose_command, command_fidelity
+from tests.conftest import make_batch, run_gogepo, train_to_end
+
+ROOT = Path(__file__).resolve().parents[1]
+IP_FAST = str(ROOT / "configs" / "inverted_pendulum_fast.yaml")
+
+
+def _cfg(**run):
+    return build_config(
+        {
+            "env": {"id": "InvertedPendulum-v5", "return_min": 0, "return_max": 1000},
+            "policy": {"hidden": []},
+            "generator": {"hidden": [16], "batch_size": 4, "steps_per_episode": 1},
+            "critic": {
+                "hidden": [16],
+                "probing_states": 5,
+                "batch_size": 4,
+                "steps_per_episode": 1,
+            },
+            "learner": {"num_threads": 1},
+            "run": {"seed": 3, **run},
+        }
+    )
+
+
+# ---------------------------------------------------------------------- bucketed buffer
+def test_bucket_buffer_keeps_rare_good_policies_and_samples_buckets_evenly():
+    buf = BucketBuffer(10, 2, low=0.0, high=100.0, buckets=2, bucket_exponent=0.0)
+    buf.add(torch.ones(2), 95.0)  # the one good policy
+    for i in range(30):  # many poor ones after it
+        buf.add(torch.zeros(2), float(i % 5))
+    assert len(buf) == 10
+    assert 95.0 in buf.returns_in_order()  # not evicted: the fullest bucket gave room
+    assert buf.bucket_counts().tolist() == [9, 1]
+    # bucket_exponent 0: each bucket drawn alike, so the good policy is half of all draws
+    probs = buf.entry_probabilities()
+    good = buf.returns_in_order().index(95.0)
+    slot = [i for i in range(len(buf)) if float(buf._returns[i]) == 95.0][0]
+    assert good >= 0 and probs[slot] == pytest.approx(0.5)
+    _, returns, _ = buf.sample(4000, torch.Generator().manual_seed(0))
+    assert (returns == 95.0).float().mean() == pytest.approx(0.5, abs=0.03)
+    # exponent 1: bucket i weighs i + 1, so the high bucket takes 2/3
+    steep = BucketBuffer(10, 2, low=0.0, high=100.0, buckets=2, bucket_exponent=1.0)
+    steep.add(torch.ones(2), 95.0)
+    steep.add(torch.zeros(2), 5.0)
+    assert sorted(steep.entry_probabilities().tolist()) == pytest.approx([1 / 3, 2 / 3])
+
+
+def test_bucket_buffer_state_round_trip_keeps_order_and_eviction():
+    buf = BucketBuffer(6, 3, low=0.0, high=10.0, buckets=3)
+    rng = np.random.default_rng(0)
+    for r in rng.uniform(0, 10, 20):
+        buf.add(torch.as_tensor(rng.normal(size=3), dtype=torch.float32), float(r))
+    back = BucketBuffer(6, 3, low=0.0, high=10.0, buckets=3)
+    back.load_state_dict(buf.state_dict())
+    assert back.returns_in_order() == buf.returns_in_order()
+    assert back.bucket_counts().tolist() == buf.bucket_counts().tolist()
+    for b in (buf, back):  # the same next eviction in both
+        b.add(torch.zeros(3), 9.5)
+    assert back.returns_in_order() == buf.returns_in_order()
+
+
+# ---------------------------------------------------------------------- evaluation rules
+def test_choose_command_takes_the_highest_scoring_and_highest_on_ties():
+    pb = Learner(_cfg(), policy_spec("InvertedPendulum-v5", [])).propose_eval(
+        [1000.0, 750.0, 500.0, 250.0], 1
+    )
+    batch = make_batch(pb, returns=[489.0, 1000.0, 1000.0, 80.0], lengths=[489, 1000, 1000, 80])
+    assert choose_command(batch) == 750.0
+    failed = make_batch(
+        pb, [1.0, 900.0, 2.0, 3.0], [1, 900, 2, 3], failures=(None, "x", None, None)
+    )
+    assert choose_command(failed) == 250.0
+
+
+def test_command_fidelity_by_hand():
+    commands = np.array([0.0, 50.0, 100.0, 150.0])
+    achieved = np.array([10.0, 40.0, 100.0, 0.0])
+    # commands in [0, 100]: errors 10, 10, 0 -> mean 20/3, over the range 100
+    assert command_fidelity(commands, achieved, 0.0, 100.0) == pytest.approx(20 / 3 / 100)
+    assert np.isnan(command_fidelity(commands, achieved, 200.0, 300.0))
+
+
+def test_sweep_rule_evaluates_the_very_policy_its_sweep_chose():
+    spec = policy_spec("InvertedPendulum-v5", [])
+    learner = Learner(_cfg(eval_command="sweep", eval_sweep_commands=4), spec)
+    learner.best_return = 800.0
+    probe = learner.begin_eval(10)
+    assert probe.commands.tolist() == [800.0, 600.0, 400.0, 200.0]
+    before = probe.policy_params[1].copy()
+    for p in learner.generator.parameters():  # the learner moves on before stage two
+        p.data.add_(1.0)
+    chosen = learner.eval_at(600.0, 10)
+    assert chosen.commands.tolist() == [600.0] * 10
+    assert all(np.array_equal(p, before) for p in chosen.policy_params)
+    assert chosen.trained_env_steps == probe.trained_env_steps
+    assert learner.eval_command() == 600.0  # what `gogepo eval` asks for afterwards
+
+
+def test_best_evaluation_is_kept_and_restored_after_a_fall():
+    spec = policy_spec("InvertedPendulum-v5", [])
+    learner = Learner(_cfg(restore_drop=0.3), spec)
+    learner.best_return = 500.0
+    learner.begin_eval(2)
+    best_weights = {k: v.clone() for k, v in learner.generator.state_dict().items()}
+    assert learner.end_eval(900.0) == {"best": True, "restored": False}
+    for p in learner.generator.parameters():
+        p.data.add_(1.0)
+    learner.begin_eval(2)
+    assert learner.end_eval(700.0) == {"best": False, "restored": False}  # 200 < 0.3 * 1000
+    moved = {k: v.clone() for k, v in learner.generator.state_dict().items()}
+    learner.begin_eval(2)
+    assert learner.end_eval(100.0) == {"best": False, "restored": True}
+    for k, v in learner.generator.state_dict().items():
+        assert torch.equal(v, best_weights[k]) and not torch.equal(v, moved[k])
+    best = learner.best_state_dict()
+    assert best["best_eval"]["return"] == 900.0 and best["best_return"] == 500.0
+    # the state (best included) survives a checkpoint round trip
+    again = Learner(_cfg(restore_drop=0.3), spec)
+    again.load_state_dict(learner.state_dict())
+    assert again.best_eval["return"] == 900.0 and again.restores == 1
+
+
+def test_adaptive_noise_moves_sigma_towards_the_action_distance():
+    spec = policy_spec("InvertedPendulum-v5", [])
+    cfg = _cfg()
+    cfg = build_config(
+        cfg.model_dump()
+        | {"exploration": {"noise": "adaptive", "param_noise": 5.0, "action_distance": 0.05}}
+    )
+    learner = Learner(cfg, spec)
+    for _ in range(30):
+        learner.propose(4)
+    assert learner.param_noise < 1.0
+    d = learner.stats().metrics["explore/action_distance"]
+    assert 0.02 < d < 0.12
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["algorithm=ars", "run.eval_command=sweep"], "run.eval_command: sweep picks a command"),
+        (["run.eval_command=best"], "run.eval_command"),
+        (["run.restore_drop=0"], "run.restore_drop"),
+        (["run.restore_drop=1.5"], "run.restore_drop"),
+        (["buffer.sampling=top"], "buffer.sampling"),
+        (["buffer.buckets=0"], "buffer.buckets"),
+        (["exploration.noise=big"], "exploration.noise"),
+        (["exploration.action_distance=0"], "exploration.action_distance"),
+    ],
+)
+def test_new_options_are_validated(overrides, message):
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        load_config(IP_FAST, overrides)
+
+
+def test_sweep_rule_refuses_task_families():
+    with pytest.raises(ConfigError, match="not for task families"):
+        load_config(str(ROOT / "configs" / "point_goal.yaml"), ["run.eval_command=sweep"])
+
+
+# ---------------------------------------------------------------------- end to end
+@pytest.mark.e2e
+def test_best_checkpoint_written_and_used_by_default(ray_session, tmp_path):
+    cfg = load_config(
+        IP_FAST,
+        [
+            "run.total_env_steps=3000",
+            "run.eval_every=1000",
+            "run.workers=1",
+            "run.sweep_commands=3",
+            "run.eval_command=sweep",
+            "tracking.enabled=false",
+            f"run.output_dir={tmp_path}",
+        ],
+    )
+    summary, trainer = train_to_end(cfg)
+    run_dir = trainer.run_dir
+    # tracking off still writes the learning curve
+    assert (run_dir / "learning_curve.png").stat().st_size > 1000
+    best_path = run_dir / "checkpoints" / "best.pt"
+    best = ckpt.load(best_path)["learner"]
+    final = ckpt.load(run_dir / "checkpoints" / "final.pt")["learner"]
+    assert best["best_eval"]["return"] == summary["best_eval_return"]
+    assert summary["best_eval_return"] == max(m for _, m in summary["eval_history"])
+    assert summary["best_eval_env_steps"] in [s for s, _ in summary["eval_history"]]
+    assert summary["final_eval_return"] == summary["eval_history"][-1][1]
+    # Make best.pt's generator clearly differ from the final one, then check which one each
+    # --checkpoint evaluates: best writes G(command) from best.pt, latest from final.pt.
+    payload = ckpt.load(best_path)
+    gen = payload["learner"]["generator"]
+    for k in gen:
+        gen[k] = gen[k] + 0.5
+    ckpt.save(best_path, payload)
+    out = tmp_path / "exports"
+    out.mkdir()
+    for which in ("best", "latest"):
+        res = run_gogepo(
+            "export",
+            str(run_dir),
+            "--checkpoint",
+            which,
+            "--command",
+            "500",
+            "--out",
+            str(out / f"{which}.pt"),
+            cwd=tmp_path,
+        )
+        assert res.returncode == 0, res.stderr
+    default = run_gogepo(
+        "export", str(run_dir), "--command", "500", "--out", str(out / "default.pt"), cwd=tmp_path
+    )
+    assert default.returncode == 0, default.stderr
+
+    def exported(name):
+        blob = torch.load(out / f"{name}.pt", weights_only=True)
+        return torch.cat([v.reshape(-1) for v in blob["state_dict"].values()])
+
+    assert not torch.equal(exported("best"), exported("latest"))  # best.pt was changed
+    assert torch.equal(exported("default"), exported("best"))
+    bad = run_gogepo("eval", str(best_path), "--checkpoint", "best", cwd=tmp_path)
+    assert bad.returncode == 2 and "is a file already" in bad.stderr
+    res = run_gogepo("eval", str(run_dir), "--checkpoint", "latest", "--json", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["command"] == final["chosen_command"]
