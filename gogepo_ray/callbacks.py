@@ -23,6 +23,21 @@ Metric keys are namespaced and documented once, here and in the README:
     timers/learner_seconds     learner update time so far
     timers/rollout_seconds     worker rollout time so far (train and eval)
     timers/wall_seconds        wall time so far
+    train/lowest_return        lowest training return taken in (with best_return: the range seen)
+    explore/param_noise        σ of the exploration noise now (moves with exploration.noise adaptive)
+    explore/action_distance    RMS tanh-output difference of noisy and noise-free policies (adaptive noise)
+    eval/restores              times run.restore_drop restored the best evaluation's networks
+    buffer/return_mean, buffer/return_p90, buffer/return_max
+                               the buffer's training returns, at each evaluation
+    buffer/top_share           share of buffer entries within 10% of the return range of its best
+    buffer/top_bucket_size     buffer.sampling buckets: entries in the highest non-empty bucket
+    diag/critic_error_top      mean |V(θ) − R| on the 32 best policies in the buffer
+    diag/critic_gap_eval       V(G(c)) − c at the evaluation command
+    diag/eval_drift            |G(c_eval) − G'(c_eval)| / |G'(c_eval)|, G' the last evaluation's generator
+    diag/generated_norm        |G(c_eval)|
+    diag/noise_to_weights      σ·√D / |G(c_eval)|: exploration noise against the generated weights
+    summary/*                  at the end: best and final evaluation (and their steps), restores,
+                               command_fidelity of the end-of-run sweep
 
 A NaN or ±inf value is recorded in every sink (metrics.jsonl writes it as a string, see
 ``json_metric``), and stderr says so once per metric: a diverging run must show.
@@ -72,6 +87,20 @@ def train_metrics(trainer: Trainer, stats: LearnerStats) -> dict[str, float]:
         for k, v in out.items()
         if v is not None and not (k in unmeasured and math.isnan(float(v)))
     }
+
+
+def summary_metrics(summary: dict) -> dict[str, float]:
+    """The run's outcome as metrics: the best evaluation and the final one with their
+    steps, the restores and the command fidelity of the end-of-run sweep."""
+    keys = (
+        "best_eval_return",
+        "best_eval_env_steps",
+        "final_eval_return",
+        "final_eval_env_steps",
+        "restores",
+        "command_fidelity",
+    )
+    return {f"summary/{k}": float(summary[k]) for k in keys if summary.get(k) is not None}
 
 
 def json_metric(value: float) -> float | str:
@@ -451,13 +480,10 @@ class MLflowTracker:
         pass
 
     def on_end(self, trainer: Trainer, summary: dict) -> None:
-        from gogepo_ray.evaluation import plot_learning_curve
-
         if trainer.latest_stats is not None:
             self.log(train_metrics(trainer, trainer.latest_stats), trainer.progress.env_steps)
-        curve = plot_learning_curve(
-            summary["eval_history"], trainer.run_dir / "learning_curve.png", trainer.cfg.env.id
-        )
+        self.log(summary_metrics(summary), trainer.progress.env_steps)
+        curve = trainer.run_dir / "learning_curve.png"  # the Trainer writes it at the end
         video = None
         if trainer.cfg.run.render_at_end:
             from gogepo_ray.render import render_at_end

@@ -182,7 +182,7 @@ def test_best_checkpoint_written_and_used_by_default(ray_session, tmp_path):
     cfg = load_config(
         IP_FAST,
         [
-            "run.total_env_steps=3000",
+            "run.total_env_steps=2000",
             "run.eval_every=1000",
             "run.workers=1",
             "run.sweep_commands=3",
