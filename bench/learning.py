@@ -272,6 +272,24 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = load_config(args.config, args.overrides)
     threshold = args.threshold if args.threshold is not None else 0.95 * cfg.env.return_max
+    # One local Ray instance serves every profile: size it for the largest one, or the
+    # extra workers of a later profile are never placed and its run waits for them.
+    import os
+
+    import ray
+
+    if not ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
+        need = max(
+            load_config(args.config, [*args.overrides, *sets]).run.workers
+            + math.ceil(load_config(args.config, [*args.overrides, *sets]).learner.num_cpus)
+            for _, sets in profiles
+        )
+        ray.init(
+            num_cpus=max(os.cpu_count() or 1, need),
+            include_dashboard=False,
+            log_to_driver=False,
+            configure_logging=False,
+        )
     out_dir = Path(__file__).resolve().parent / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
     results = []
