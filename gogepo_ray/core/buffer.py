@@ -103,23 +103,28 @@ class ReplayBuffer:
             + 1
         )
         slots = self._slot_of_age(ages).tolist()
-        params = torch.stack([self._params[s] for s in slots])
-        return params, self._returns[slots].float(), self._contexts[slots]
+        return self.params_at(slots), self._returns[slots].float(), self._contexts[slots]
 
-    def returns_in_order(self) -> list[float]:
-        """All stored returns, oldest first."""
+    def _oldest_first(self) -> list[int]:
+        """Storage slots from the oldest entry to the newest."""
         n = len(self)
-        if n < self.capacity:
-            return self._returns[:n].tolist()
-        return torch.cat([self._returns[self._head :], self._returns[: self._head]]).tolist()
-
-    def state_dict(self) -> dict:
-        n = len(self)
-        order = (
+        return (
             list(range(n))
             if n < self.capacity
             else list(range(self._head, n)) + list(range(self._head))
         )
+
+    def params_at(self, slots: list[int]) -> torch.Tensor:
+        """The policy_params of storage slots, (len(slots), D)."""
+        return torch.stack([self._params[s] for s in slots])
+
+    def returns_in_order(self) -> list[float]:
+        """All stored returns, oldest first."""
+        return self._returns[self._oldest_first()].tolist()
+
+    def state_dict(self) -> dict:
+        n = len(self)
+        order = self._oldest_first()
         params = (
             torch.stack([self._params[i] for i in order]) if n else torch.zeros(0, self.num_params)
         )
@@ -236,28 +241,10 @@ class BucketBuffer(ReplayBuffer):
         slots = torch.multinomial(
             self.entry_probabilities(), batch_size, replacement=True, generator=rng
         ).tolist()
-        params = torch.stack([self._params[s] for s in slots])
-        return params, self._returns[slots].float(), self._contexts[slots]
+        return self.params_at(slots), self._returns[slots].float(), self._contexts[slots]
 
     def _oldest_first(self) -> list[int]:
         return torch.argsort(self._order[: len(self)]).tolist()
-
-    def returns_in_order(self) -> list[float]:
-        return self._returns[self._oldest_first()].tolist()
-
-    def state_dict(self) -> dict:
-        order = self._oldest_first()
-        n = len(order)
-        state = {
-            "params": torch.stack([self._params[i] for i in order])
-            if n
-            else torch.zeros(0, self.num_params),
-            "returns": self._returns[order] if n else torch.zeros(0, dtype=torch.float64),
-            "total_added": self.total_added,
-        }
-        if self.context_dim:
-            state["contexts"] = self._contexts[order] if n else torch.zeros(0, self.context_dim)
-        return state
 
     def load_state_dict(self, state: dict) -> None:
         self._bucket = torch.zeros(0, dtype=torch.int64)

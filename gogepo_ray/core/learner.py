@@ -305,14 +305,7 @@ class StreamingLearner:
             # The generated weights mean something only with the normalisation they were
             # evaluated under (a balanced pendulum shrinks the observations' spread, and the
             # same weights then act on inputs many times larger), so it comes back too.
-            obs = best["obs_stats"]
-            self.obs_stats = ObsStats.from_state_dict(
-                {
-                    "count": int(obs["count"]),
-                    "mean": obs["mean"].numpy().copy(),
-                    "m2": obs["m2"].numpy().copy(),
-                }
-            )
+            self.obs_stats = _obs_stats_from(best["obs_stats"])
             self.restores += 1
             out["restored"] = True
         return out
@@ -361,6 +354,17 @@ def _cloned(tree):
     if isinstance(tree, (list, tuple)):
         return type(tree)(_cloned(v) for v in tree)
     return tree
+
+
+def _obs_stats_from(state: dict) -> ObsStats:
+    """ObsStats from their state as a checkpoint holds it (tensors), sharing no memory."""
+    return ObsStats.from_state_dict(
+        {
+            "count": int(state["count"]),
+            "mean": state["mean"].numpy().copy(),
+            "m2": state["m2"].numpy().copy(),
+        }
+    )
 
 
 def _load_optimiser(optimizer: torch.optim.Optimizer, state: dict) -> None:
@@ -578,7 +582,7 @@ class Learner(StreamingLearner):
         top = torch.topk(returns, min(32, n)).indices
         span = self.cfg.env.return_max - self.cfg.env.return_min
         with torch.no_grad():
-            params = torch.stack([self.buffer._params[int(i)] for i in top])
+            params = self.buffer.params_at(top.tolist())
             v_top = self.critic(params.to(self.device)).cpu().double()
             c = self.eval_command()
             g = self.generator(torch.tensor([c], dtype=torch.float32, device=self.device))
@@ -616,6 +620,14 @@ class Learner(StreamingLearner):
         )
 
     def _load_nets_state(self, nets: dict) -> None:
+        """A restore: the best evaluation's networks, and (eval_command sweep) its command."""
+        self._load_nets(nets)
+        if self.best_eval is not None and self.best_eval["command"] is not None:
+            self.chosen_command = (
+                self.best_eval["command"] if self.cfg.run.eval_command == "sweep" else None
+            )
+
+    def _load_nets(self, nets: dict) -> None:
         self.generator.load_state_dict(nets["generator"])
         self.critic.load_state_dict(nets["critic"])
         _load_optimiser(self.generator_opt, nets["generator_opt"])
@@ -623,10 +635,6 @@ class Learner(StreamingLearner):
         # The optimisers' state tensors are new objects: a captured step would update the old.
         self._critic_update.reset()
         self._generator_update.reset()
-        if self.best_eval is not None and self.best_eval["command"] is not None:
-            self.chosen_command = (
-                self.best_eval["command"] if self.cfg.run.eval_command == "sweep" else None
-            )
 
     def _best_command_fields(self, command: float | None) -> dict:
         if command is None or self.contexts is not None:  # a family's commands are per context
@@ -818,18 +826,9 @@ class Learner(StreamingLearner):
         }
 
     def load_state_dict(self, state: dict) -> None:
-        self.generator.load_state_dict(state["generator"])
-        self.critic.load_state_dict(state["critic"])
-        _load_optimiser(self.generator_opt, state["generator_opt"])
-        _load_optimiser(self.critic_opt, state["critic_opt"])
-        # The optimisers' state tensors are new objects: a captured step would update the old.
-        self._critic_update.reset()
-        self._generator_update.reset()
+        self._load_nets(state)
         self.buffer.load_state_dict(state["buffer"])
-        obs = state["obs_stats"]
-        self.obs_stats = ObsStats.from_state_dict(
-            {"count": int(obs["count"]), "mean": obs["mean"].numpy(), "m2": obs["m2"].numpy()}
-        )
+        self.obs_stats = _obs_stats_from(state["obs_stats"])
         self.rng.set_state(state["rng"])
         torch.set_rng_state(state["torch_rng"])
         self.best_return = state["best_return"]
