@@ -148,6 +148,7 @@ def _config_refs(absent: bool = False) -> list[tuple[str, str]]:
     """(config path, file that names it) for every configs/*.yaml in cluster/ and the READMEs
     (the top-level one included). ``absent``: the ones a README says do not ship."""
     sources = _cluster_yaml_files() + [TOP_README, CLUSTER_DIR / "README.md", DOCKER_README]
+    sources += sorted((ROOT / "docs").glob("*.md"))
     refs = set()
     for src in sources:
         if src.exists():
