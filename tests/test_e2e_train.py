@@ -114,7 +114,9 @@ def test_summary_and_counters(trained):
     ]:
         assert key in s, key
     assert s["workers"] == 2 and s["env_steps"] >= TRAIN_STEPS and s["eval_env_steps"] > 0
-    payload = ckpt.load(trained["run_dir"])
+    # the latest checkpoint: ckpt.load(run_dir) prefers best.pt, which holds the counters
+    # of the best evaluation, not of the end of the run
+    payload = ckpt.load(trained["run_dir"], "latest")
     learner = payload["learner"]
     # Every ingested episode is in the buffer, and the driver's count agrees with the learner's.
     assert learner["counters"]["episodes"] == s["episodes"] == learner["buffer"]["total_added"]
