@@ -73,6 +73,7 @@ def train_metrics(trainer: Trainer, stats: LearnerStats) -> dict[str, float]:
         "train/env_steps_per_second": trainer.progress.env_steps / max(wall, 1e-9),
         **stats.metrics,
         "learner/rounds": stats.rounds,
+        "workers/alive": trainer.alive_workers,
         "learner/busy": stats.learner_seconds / max(wall, 1e-9),
         "timers/learner_seconds": stats.learner_seconds,
         "timers/rollout_seconds": trainer.progress.rollout_seconds,
@@ -91,7 +92,8 @@ def train_metrics(trainer: Trainer, stats: LearnerStats) -> dict[str, float]:
 
 def summary_metrics(summary: dict) -> dict[str, float]:
     """The run's outcome as metrics: the best evaluation and the final one with their
-    steps, the restores and the command fidelity of the end-of-run sweep."""
+    steps, the restores, the command fidelity of the end-of-run sweep, and the faults it
+    survived (worker and learner restarts, workers alive at the end, episodes lost)."""
     keys = (
         "best_eval_return",
         "best_eval_env_steps",
@@ -99,6 +101,10 @@ def summary_metrics(summary: dict) -> dict[str, float]:
         "final_eval_env_steps",
         "restores",
         "command_fidelity",
+        "worker_restarts",
+        "workers_alive",
+        "learner_restarts",
+        "lost_episodes",
     )
     return {f"summary/{k}": float(summary[k]) for k in keys if summary.get(k) is not None}
 

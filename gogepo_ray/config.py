@@ -306,6 +306,10 @@ class RunConfig(_Section):
     """Dead rollout workers replaced (their episodes re-issued) before the run fails."""
     max_consecutive_failures: int = Field(default=200, ge=1)
     """Training episodes failing in a row (env errors, non-finite values) before the run stops with an error."""
+    worker_placement_timeout_s: float = Field(default=120.0, gt=0)
+    """Seconds a replacement rollout worker may wait for a place on the cluster (after its node is lost, say). After that the run says so once and goes on with the workers it has; a replacement placed later joins the pool. With no live worker left the run stops with an error naming its checkpoint and ``gogepo train --resume``."""
+    max_learner_restarts: int = Field(default=3, ge=0)
+    """Times the learner actor is rebuilt from ``checkpoints/latest.pt`` when it dies (its node lost, say). The episodes taken in since that checkpoint are lost and counted. 0: a dead learner stops the run with an error naming ``gogepo train --resume``."""
 
 
 class TrackingConfig(_Section):

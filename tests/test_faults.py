@@ -134,7 +134,7 @@ def _assert_resumed_from(trainer: Trainer, payload: dict) -> None:
     live = ray.get(trainer.learner.state_dict.remote())
     assert live["counters"] == c, "the resumed learner's counters are not the checkpoint's"
     assert trainer.progress.__dict__ == payload["progress"]  # eval history included
-    assert len(trainer._resume_batches) == len(payload["inflight"])
+    assert len(trainer._reissue) == len(payload["inflight"])
     assert_same_state(saved, live)
 
 
@@ -192,7 +192,8 @@ from gogepo_ray.trainer import Trainer
 
 class KilledAfterCheckpoint:
     def on_checkpoint(self, trainer, path):
-        os.kill(os.getpid(), signal.SIGKILL)
+        if trainer.progress.env_steps > 0:  # not the run's step-0 checkpoint
+            os.kill(os.getpid(), signal.SIGKILL)
 
     def __getattr__(self, event):  # every other event: nothing
         return lambda *args: None
@@ -257,7 +258,8 @@ def test_sigkilled_driver_resumes_from_its_checkpoint(tmp_path):
     run_id_file = run_dir / "mlflow_run_id"
     deadline = time.monotonic() + 240
     try:
-        while not (latest.exists() and run_id_file.exists()) and time.monotonic() < deadline:
+        # the first checkpoint after step 0 (the run writes one at step 0 too)
+        while not (_trained(latest) and run_id_file.exists()) and time.monotonic() < deadline:
             assert proc.poll() is None, (
                 f"the run ended before it was killed:\n{log.read_text()[-3000:]}"
             )
@@ -307,6 +309,10 @@ def test_sigkilled_driver_resumes_from_its_checkpoint(tmp_path):
     assert resumed_steps, [(m.step, m.timestamp) for m in history]
     assert resumed_steps[0] >= before["progress"]["env_steps"], resumed_steps
     assert resumed_steps[-1] == summary["env_steps"]
+
+
+def _trained(checkpoint: Path) -> bool:
+    return checkpoint.exists() and ckpt.load(checkpoint)["progress"]["env_steps"] > 0
 
 
 def test_misbehaving_env_episodes_are_dropped_counted_and_logged(ray_session, tmp_path):
