@@ -109,3 +109,30 @@ def test_learner_node_lost_with_no_restarts_left_names_resume_then_resume_finish
     assert "Traceback" not in first["stderr"] and "Unhandled error" not in first["stderr"]
     assert result["resumed"]["returncode"] == 0, result["resumed"]
     assert result["summary"]["env_steps"] >= 3000
+
+
+def test_rllib_algorithm_recovers_a_dead_learner_inside_train(ray_session, tmp_path):
+    """The RLlib wrapper drives the same trainer: a learner that dies between two
+    ``train()`` calls is rebuilt inside the next one (here from the run's step-0 checkpoint),
+    so a Tune trial goes on without Tune's retry."""
+    import ray
+
+    from tests.test_rllib import small_config
+
+    algo = (
+        small_config(workers=1).training(gogepo={"run": {"output_dir": str(tmp_path)}}).build_algo()
+    )
+    try:
+        algo.train()
+        trainer = algo.trainer
+        taken_in = trainer.progress.episodes
+        ray.kill(trainer.learner, no_restart=True)
+        result = algo.train()
+        p = trainer.progress
+        assert p.learner_restarts == 1 and p.lost_episodes >= taken_in > 0, p
+        assert result["num_env_steps_sampled_lifetime"] == p.env_steps >= 600
+        state = ray.get(trainer.learner.state_dict.remote())
+        assert state["counters"]["episodes"] == p.episodes == state["buffer"]["total_added"]
+        assert state["counters"]["env_steps"] == p.env_steps == int(state["obs_stats"]["count"])
+    finally:
+        algo.stop()
