@@ -223,6 +223,46 @@ def _add_jobs(sub: argparse._SubParsersAction) -> None:
     _add_address(q)
 
 
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="serve G(command) over HTTP on Ray Serve: POST /policy, POST /act, GET /info",
+        description="Serve a run's generator on Ray Serve (the local Ray, or the cluster in "
+        "RAY_ADDRESS) until Ctrl-C: POST /policy writes G(command) in gogepo export's format, "
+        "POST /act returns actions (batched, policies cached), GET /info, GET /healthz. "
+        "docs/serving.md has curl and Python examples.",
+    )
+    p.add_argument("checkpoint", metavar="RUN_DIR", help="run directory or checkpoint file")
+    _add_which(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000)")
+    p.add_argument(
+        "--token",
+        default=None,
+        help="bearer token required on every endpoint but /healthz (default: $GOGEPO_SERVE_TOKEN)",
+    )
+    p.add_argument(
+        "--follow",
+        action="store_true",
+        help="watch the run directory and serve each new checkpoint (a run in progress)",
+    )
+    p.add_argument("--replicas", type=int, default=1, help="replicas (default: 1)")
+    p.add_argument("--max-ongoing-requests", type=int, default=64, help="per replica (default: 64)")
+    p.add_argument(
+        "--num-cpus", type=float, default=0.25, help="logical CPUs per replica (default: 0.25)"
+    )
+    p.add_argument(
+        "--max-batch-size", type=int, default=32, help="/act requests per forward (default: 32)"
+    )
+    p.add_argument("--batch-wait-ms", type=float, default=1.0, help="batch wait in ms (default: 1)")
+    p.add_argument(
+        "--cache-size", type=int, default=128, help="policies cached per replica (default: 128)"
+    )
+    p.add_argument(
+        "--max-body-bytes", type=int, default=1 << 20, help="largest request (default: 1 MiB)"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gogepo", description=__doc__.splitlines()[0])
     from gogepo_ray import __version__
@@ -233,6 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_checkpoint_cmds(sub)
     _add_views(sub)
     _add_jobs(sub)
+    _add_serve(sub)
     return parser
 
 
@@ -700,6 +741,26 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    from gogepo_ray.serve import TOKEN_ENV, ServeSettings, run_cli
+
+    settings = ServeSettings(
+        host=args.host,
+        port=args.port,
+        token=args.token if args.token is not None else os.environ.get(TOKEN_ENV),
+        replicas=args.replicas,
+        max_ongoing_requests=args.max_ongoing_requests,
+        num_cpus=args.num_cpus,
+        max_batch_size=args.max_batch_size,
+        batch_wait_ms=args.batch_wait_ms,
+        cache_size=args.cache_size,
+        max_body_bytes=args.max_body_bytes,
+    )
+    return run_cli(args.checkpoint, args.which, settings, args.follow)
+
+
 COMMANDS = {
     "train": cmd_train,
     "eval": cmd_eval,
@@ -709,6 +770,7 @@ COMMANDS = {
     "compare": cmd_compare,
     "submit": cmd_submit,
     "jobs": cmd_jobs,
+    "serve": cmd_serve,
 }
 
 
