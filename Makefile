@@ -7,7 +7,7 @@ CONFIG ?= configs/inverted_pendulum_fast.yaml
 ARGS   ?=
 SEEDS  ?= 3
 
-.PHONY: venv train test test-fast lint format bench-learning bench-learner bench-throughput bench-scaling clean
+.PHONY: venv train test test-fast lint format docs bench-learning bench-learner bench-throughput bench-scaling clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,10 @@ lint: $(STAMP)
 format: $(STAMP)
 	$(BIN)/ruff format gogepo_ray tests bench
 	$(BIN)/ruff check --fix gogepo_ray tests bench
+
+## The docs site, built strictly into site/ (a broken link or a page left out of the nav fails); docs/cli.md is generated: python -m gogepo_ray.docgen > docs/cli.md
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/python -m mkdocs build --strict
 
 ## Learning benchmark: SEEDS seeds of CONFIG, JSON in bench/results/.
 bench-learning: $(STAMP)

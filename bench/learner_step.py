@@ -38,6 +38,11 @@ from gogepo_ray.envs import policy_spec
 from gogepo_ray.sysinfo import LEARNER_ENV
 
 
+def _optimiser_steps(optimizer: torch.optim.Optimizer) -> int:
+    """Steps an Adam optimiser has taken (its per-parameter step count)."""
+    return max((int(state["step"]) for state in optimizer.state.values()), default=0)
+
+
 def time_updates(
     config: str,
     overrides: list[str],
@@ -68,19 +73,23 @@ def time_updates(
     for _ in range(warmup):
         learner.update(1)
     sync()
+    steps_before = _optimiser_steps(learner.critic_opt), _optimiser_steps(learner.generator_opt)
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
         learner.update(1)
         sync()
         times.append(time.perf_counter() - t)
+    # what the timed updates ran, read back from the learner rather than from the config
+    critic_steps = (_optimiser_steps(learner.critic_opt) - steps_before[0]) / repeats
+    generator_steps = (_optimiser_steps(learner.generator_opt) - steps_before[1]) / repeats
     return {
         "device": device,
-        "threads": threads,
-        "precision": precision,
+        "threads": torch.get_num_threads(),
+        "precision": learner.precision,
         "policy_params": spec.num_params,
-        "critic_steps": cfg.critic.steps_per_episode,
-        "generator_steps": cfg.generator.steps_per_episode,
+        "critic_steps": critic_steps,
+        "generator_steps": generator_steps,
         "seconds_per_episode_median": round(statistics.median(times), 4),
         "seconds_per_episode_min": round(min(times), 4),
         "repeats": repeats,

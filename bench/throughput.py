@@ -147,7 +147,7 @@ def measure_row(env_id: str, envs: int, hidden: list[int], rounds: int) -> dict:
     meters = {"raw": Raw(env_id, kwargs), "replay": Replay(env_id, kwargs, *trajectory)}
     meters["raw"].rate(1000)  # untimed warm-up, as the worker had
     meters["replay"].rate(1000)
-    raw, worker, replay = [], [], []
+    raw, worker, replay, batch_steps = [], [], [], []
     steps = 0  # of the last worker batch; the first round's are measured first
     for k in range(rounds):
         got: dict[str, float] = {}
@@ -156,6 +156,7 @@ def measure_row(env_id: str, envs: int, hidden: list[int], rounds: int) -> dict:
                 start = time.perf_counter()
                 steps = int(rollouts.run(batch(envs * (k + 1))).lengths.sum())
                 got["worker"] = steps / (time.perf_counter() - start)
+                batch_steps.append(steps)
             else:
                 got[what] = meters[what].rate(steps)
         raw.append(got["raw"])
@@ -179,6 +180,7 @@ def measure_row(env_id: str, envs: int, hidden: list[int], rounds: int) -> dict:
         "raw_rounds": [round(r, 1) for r in raw],
         "worker_rounds": [round(w, 1) for w in worker],
         "replay_rounds": [round(r, 1) for r in replay],
+        "worker_batch_steps": batch_steps,  # env steps of each round's worker batch
     }
 
 

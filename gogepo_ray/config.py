@@ -207,7 +207,7 @@ class ContextTrainConfig(_Section):
 
 
 class ContextConfig(_Section):
-    """Task families (README "Task families"): the generator is asked for [return, context]
+    """Task families (docs/task-families.md): the generator is asked for [return, context]
     and learns every task of the env's family at once. ``env.id`` must be a family, e.g.
     ``PointGoal-v0``."""
 
@@ -255,7 +255,7 @@ class LearnerConfig(_Section):
     """Critic+generator rounds (``critic.steps_per_episode`` then ``generator.steps_per_episode``) per
     finished training episode; fractions carry over (0.25: one round every 4 episodes). 1 is the
     paper's schedule. Below 1 the learner keeps up with more workers, at the cost of more env
-    steps per unit of progress (README "Scaling")."""
+    steps per unit of progress (docs/benchmarks.md, "Scaling")."""
     num_threads: int = Field(default=0, ge=0)
     """Torch intra-op threads of the learner; 0: as many as it reserves CPUs (``num_cpus``, at least 1)."""
     num_cpus: float = Field(default=2.0, ge=0)
@@ -301,7 +301,7 @@ class RunConfig(_Section):
     sweep_at_end: bool = True
     """Run the command sweep once training ends and record it with the run."""
     render_at_end: bool = False
-    """With tracking on: once training ends, render one evaluation episode (at most 1000 steps) to ``<run_dir>/policy.mp4`` and log it to MLflow. Needs an OpenGL backend (README "Rendering"); without one the run only warns."""
+    """With tracking on: once training ends, render one evaluation episode (at most 1000 steps) to ``<run_dir>/policy.mp4`` and log it to MLflow. Needs an OpenGL backend (docs/results.md, "Rendering a policy video"); without one the run only warns."""
     max_worker_restarts: int = Field(default=20, ge=0)
     """Dead rollout workers replaced (their episodes re-issued) before the run fails."""
     max_consecutive_failures: int = Field(default=200, ge=1)
@@ -316,7 +316,7 @@ class TrackingConfig(_Section):
     enabled: bool = True
     """Record the run in MLflow."""
     tracking_uri: str | None = None
-    """MLflow tracking URI. Default: $MLFLOW_TRACKING_URI, else sqlite:///<output_dir>/mlflow.db."""
+    """MLflow tracking URI. Default: ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<output_dir>/mlflow.db``."""
     experiment: str = "gogepo"
     """MLflow experiment name."""
 
@@ -327,17 +327,27 @@ class Config(_Section):
     algorithm: Literal["gogepo", "ars"] = "gogepo"
     """``gogepo``: the generator of policies. ``ars``: the paper's baseline, Augmented Random Search V2-t, on the same workers (the ``ars`` section; ``generator``, ``critic``, ``buffer`` and ``exploration`` are then unused)."""
     env: EnvConfig = Field(default_factory=EnvConfig)
+    """The env to train on, and the range of returns that commands are normalised by."""
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
+    """The MLP policy whose weights the generator writes (ARS: the policy it trains)."""
     generator: GeneratorConfig = Field(default_factory=GeneratorConfig)
+    """G: the hypernetwork that maps a command to policy weights, and its optimiser."""
     critic: CriticConfig = Field(default_factory=CriticConfig)
+    """V: the critic that predicts a policy's return from its fingerprint on probing states."""
     buffer: BufferConfig = Field(default_factory=BufferConfig)
+    """The replay buffer of (θ, return) pairs and how it is sampled."""
     exploration: ExplorationConfig = Field(default_factory=ExplorationConfig)
+    """How training policies explore: the command's drive and the parameter noise."""
     learner: LearnerConfig = Field(default_factory=LearnerConfig)
+    """Where and how the learner runs: device, precision, threads, rounds per episode."""
     ars: ArsConfig = Field(default_factory=ArsConfig)
+    """Augmented Random Search V2-t, used with ``algorithm: ars``."""
     context: ContextConfig | None = None
     """Task contexts for an env that is a task family; none (the default) trains on the env's one task."""
     run: RunConfig = Field(default_factory=RunConfig)
+    """The run: seed, budget, workers, evaluations, checkpoints and fault limits."""
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    """MLflow tracking of the run."""
 
     @model_validator(mode="after")
     def _check_eval_command(self) -> Config:
@@ -491,7 +501,7 @@ def load_config(
 
 
 def reference_markdown() -> str:
-    """The config reference table of the README, generated from the models' docstrings."""
+    """The config reference table of docs/config.md, generated from the models' docstrings."""
     lines = ["| key | default | meaning |", "| --- | --- | --- |"]
     for section_name, section_field in Config.model_fields.items():
         model = section_field.annotation

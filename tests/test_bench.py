@@ -53,9 +53,11 @@ def test_learner_step_bench_writes_json(tmp_path, capsys):
     result = json.loads(out.read_text())
     assert {r["env_id"] for r in result["rows"]} == {"InvertedPendulum-v5"}
     assert "bf16_flags" in result["cpu"]
+    # the threads torch ran with and the precision the learner resolved, read back from them
     assert [(r["threads"], r["precision"]) for r in result["rows"]] == [(1, "fp32"), (1, "bf16")]
     for row in result["rows"]:
-        assert row["critic_steps"] == 4 and row["generator_steps"] == 19  # the reference defaults
+        # optimiser steps per timed update, counted by the optimisers: the reference defaults
+        assert row["critic_steps"] == 4 and row["generator_steps"] == 19
         assert 0 < row["seconds_per_episode_min"] <= row["seconds_per_episode_median"]
     assert "s/episode" in capsys.readouterr().out
 
@@ -71,6 +73,8 @@ def test_throughput_bench_measures_raw_and_worker_rates(tmp_path, capsys):
     result = json.loads(out.read_text())
     assert [r["envs_per_worker"] for r in result["rows"]] == [1, 2]
     for row in result["rows"]:
+        # Pendulum-v1 episodes are 200 steps: every worker batch ran envs_per_worker episodes
+        assert row["worker_batch_steps"] == [200 * row["envs_per_worker"]] * 3, row
         raw, worker, replay = row["raw_rounds"], row["worker_rounds"], row["replay_rounds"]
         assert len(raw) == len(worker) == len(replay) == 3
         assert min(raw) > 0 and min(worker) > 0 and min(replay) > 0

@@ -269,14 +269,55 @@ def test_cli_refuses_bad_contexts_with_one_line(family_checkpoint, args, message
     assert not (ROOT / "x.pt").exists()
 
 
+def _checkpoint_learner(run: Path):
+    payload = ckpt.load(run)
+    cfg = ckpt.config_of(payload)
+    learner = make_learner(cfg, policy_spec(cfg.env.id, cfg.policy.hidden, cfg.env.kwargs))
+    learner.load_state_dict(payload["learner"])
+    return learner
+
+
+def _play(policy, context: list[float], seeds) -> list[float]:
+    """Returns of ``policy`` (an exported nn.Sequential) on PointGoal-v0 at ``context``, one
+    episode per reset seed, stepped by hand: no gogepo rollout code in the way."""
+    import gymnasium as gym
+
+    env = gym.make("PointGoal-v0")
+    returns = []
+    for seed in seeds:
+        obs, _ = env.reset(seed=int(seed), options={"context": context})
+        total, done = 0.0, False
+        while not done:
+            with torch.no_grad():
+                action = policy(torch.as_tensor(obs, dtype=torch.float32)).numpy()
+            obs, reward, terminated, truncated, _ = env.step(action)
+            total += reward
+            done = terminated or truncated
+        returns.append(total)
+    return returns
+
+
 def test_cli_eval_and_export_on_a_family_checkpoint(family_checkpoint, tmp_path, capsys):
     from gogepo_ray.cli import main
+    from gogepo_ray.core.policy import policy_actions
+    from gogepo_ray.export import build_policy, load_policy
 
     ckpt_dir = str(family_checkpoint)
     assert main(["eval", ckpt_dir, "--context", "0.3", "0.7", "--episodes", "2", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["context"] == [0.3, 0.7] and out["episodes"] == 2
     assert out["return_mean"] < 0  # PointGoal rewards are −distance
+    # The episodes ran G(best(x), x) on goal x = (0.3, 0.7): the same policy, played by hand
+    # on that goal from the same reset seeds (a fresh load of the checkpoint hands out the
+    # evaluation ids the CLI used), scores the same.
+    learner = _checkpoint_learner(family_checkpoint)
+    issued = learner.propose_eval(None, 2, np.array([[0.3, 0.7]]))
+    command = float(issued.commands[0])
+    assert out["command"] == pytest.approx(command)
+    policy, _ = build_policy(learner, command, [0.3, 0.7])
+    assert out["return_mean"] == pytest.approx(
+        np.mean(_play(policy, [0.3, 0.7], issued.seeds)), rel=1e-4, abs=1e-3
+    )
     assert main(["eval", ckpt_dir, "--episodes", "1", "--json"]) == 0
     assert len(json.loads(capsys.readouterr().out)["contexts"]) == 9  # every held-out goal
     path = tmp_path / "pg.pt"
@@ -284,6 +325,23 @@ def test_cli_eval_and_export_on_a_family_checkpoint(family_checkpoint, tmp_path,
     assert main(args) == 0
     blob = torch.load(path, weights_only=True)
     assert blob["context"] == [0.3, 0.7] and blob["command"] == -10.0
+    # The file holds G(−10, (0.3, 0.7)) with its normaliser and action bounds: its actions
+    # are those of the generated policy on normalised observations, and not those of the
+    # same command on another goal.
+    learner = _checkpoint_learner(family_checkpoint)
+    spec = learner.spec
+    obs = torch.rand(64, spec.obs_dim, generator=torch.Generator().manual_seed(0)) * 4 - 2
+
+    def generated(context):
+        issued = learner.propose_eval([-10.0], 1, np.array([context]))
+        mean, std = (torch.from_numpy(a) for a in issued.normalizer())
+        params = torch.from_numpy(issued.policy_params)  # (1, D)
+        return policy_actions(spec, params, ((obs - mean) / std)[None])[0]  # (64, act_dim)
+
+    with torch.no_grad():
+        exported = load_policy(path)(obs)
+        torch.testing.assert_close(exported, generated([0.3, 0.7]), rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(exported, generated([-0.6, 0.2]), atol=1e-3)
 
 
 def test_cli_refuses_a_context_for_a_run_that_is_not_a_family(tmp_path, capsys):

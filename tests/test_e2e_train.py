@@ -87,7 +87,12 @@ def test_eval_return_clearly_improves(trained):
     # 1000 (its final generator wrote policies returning 45-92 for every command), where
     # the others ended at 1000 (5), 300 and 209. The tests below check that eval and
     # export reproduce whatever the run ended with.
-    assert s["final_eval_return"] == history[-1], history  # the run ends with an evaluation
+    # The run ends with an evaluation of its last generator, recorded at the step training
+    # stopped: after every training episode, not a periodic evaluation carried to the end.
+    assert s["final_eval_return"] == history[-1], history
+    assert s["final_eval_env_steps"] == s["eval_history"][-1][0] == s["env_steps"], s
+    periodic = [steps for steps, _ in s["eval_history"][:-1]]
+    assert periodic and max(periodic) < s["env_steps"], s["eval_history"]
 
 
 def near(got: float, want: float) -> bool:

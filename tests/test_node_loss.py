@@ -7,9 +7,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -25,6 +27,10 @@ def scenario(case: str, tmp_path: Path) -> dict:
     out = tmp_path / case
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    # A temp dir of its own: a Cluster records its address in <temp dir>/ray_current_cluster,
+    # where any ray.init() on the machine would find it and join it while it lives. (Short:
+    # Ray's socket paths must fit in 107 characters.)
+    env["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="nl", dir="/tmp")
     proc = subprocess.Popen(
         [sys.executable, "-m", "tests.node_loss", case, str(out)],
         cwd=ROOT,
@@ -41,6 +47,8 @@ def scenario(case: str, tmp_path: Path) -> dict:
             os.killpg(proc.pid, signal.SIGKILL)
         log, _ = proc.communicate()
         pytest.fail(f"{case}: still running after {SCENARIO_TIMEOUT_S} s:\n{log[-4000:]}")
+    finally:
+        shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
     assert proc.returncode == 0, f"{case} failed:\n{log[-4000:]}"
     result = json.loads((out / "result.json").read_text())
     result["log"], result["run_dir"] = log, out / "run"

@@ -88,7 +88,10 @@ def test_config_builder_gives_validated_config():
         ),
         (lambda c: c.training(gogepo={"generator": {"lr": -1.0}}), "generator.lr"),
         (lambda c: c.training(gogepo={"critic": {"hidden": "big"}}), "critic.hidden"),
-        (lambda c: c.training(return_min=10, return_max=5), "env"),
+        (
+            lambda c: c.training(return_min=10, return_max=5),
+            "env: return_max must be greater than return_min",
+        ),
         (lambda c: c.training(steps_per_iteration=0), "steps_per_iteration"),
         (lambda c: c.training(gogepo={"run": {"workers": 5}}), "run.workers"),
         (lambda c: c.env_runners(num_env_runners=0), "num_env_runners"),
@@ -194,7 +197,12 @@ def test_train_save_and_restore_round_trip(ray_session, tmp_path, monkeypatch):
         assert len(learner["buffer"]["returns"]) > 0 and int(learner["obs_stats"]["count"]) > 0
         assert learner["generator_opt"]["state"] and learner["critic_opt"]["state"]
         assert saved["progress"]["env_steps"] == result["num_env_steps_sampled_lifetime"]
-        assert saved["learner"]["counters"]["env_steps"] <= saved["progress"]["env_steps"]
+        # every result the driver counted is in the learner state: none left waiting
+        assert saved["learner"]["counters"]["env_steps"] == saved["progress"]["env_steps"]
+        assert saved["learner"]["counters"]["episodes"] == saved["progress"]["episodes"]
+        # each worker left the iteration with policies out, and the checkpoint holds them
+        assert len(saved["inflight"]) == 2, saved["inflight"]
+        assert all(len(batch["episode_ids"]) > 0 for batch in saved["inflight"])
         _assert_same_learner(saved, algo.trainer.state())  # the running learner has not moved on
     finally:
         algo.stop()  # finishes the run: final eval, sweep, summary.json in its logdir
@@ -209,12 +217,27 @@ def test_train_save_and_restore_round_trip(ray_session, tmp_path, monkeypatch):
         assert restored.config.to_gogepo_config() == algo.config.to_gogepo_config()
         live = restored.trainer.state()  # from the learner actor started with the payload
         _assert_same_learner(saved, live)  # progress and unfinished policies included
-        assert len(live["inflight"]) == len(
-            saved["inflight"]
-        )  # unfinished policies, re-issued on resume
 
         again = restored.train()
         assert again["training_iteration"] == 2
+        # The unfinished training policies of the checkpoint were issued again, not dropped
+        # or replaced: the episodes taken in since are theirs plus those of the ids drawn
+        # after the checkpoint, less those still out on workers.
+        after = restored.trainer.state()
+
+        def train_ids(inflight: list[dict]) -> set[int]:
+            return {int(i) for b in inflight if b["kind"] == "train" for i in b["episode_ids"]}
+
+        was, now = saved["learner"]["counters"], after["learner"]["counters"]
+        reissued = train_ids(saved["inflight"]) - train_ids(after["inflight"])
+        drawn = set(range(was["next_train_id"], now["next_train_id"])) - train_ids(
+            after["inflight"]
+        )
+        assert reissued, "none of the checkpoint's unfinished policies ran after the restore"
+        taken = (now["episodes"] + now["failed_episodes"]) - (
+            was["episodes"] + was["failed_episodes"]
+        )
+        assert taken == len(reissued) + len(drawn), (taken, sorted(reissued), len(drawn))
         assert (
             again["num_env_steps_sampled_lifetime"]
             >= 600
@@ -275,8 +298,14 @@ def test_tune_grid_search_nested_mlflow_runs(ray_session, tmp_path):
         assert r.checkpoint is not None
         with r.checkpoint.as_directory() as d:
             assert (Path(d) / PAYLOAD_FILE).is_file()
-            assert ckpt.load(Path(d) / PAYLOAD_FILE)["progress"]["env_steps"] >= 400
-        lrs.append(r.config["gogepo"]["generator"]["lr"])
+            payload = ckpt.load(Path(d) / PAYLOAD_FILE)
+        assert payload["progress"]["env_steps"] >= 400
+        # the trial's grid value reached the run: its config and the generator's optimiser
+        trial_lr = r.config["gogepo"]["generator"]["lr"]
+        assert ckpt.config_of(payload).generator.lr == trial_lr
+        groups = payload["learner"]["generator_opt"]["param_groups"]
+        assert [g["lr"] for g in groups] == [trial_lr] * len(groups), groups
+        lrs.append(groups[0]["lr"])
     assert sorted(lrs) == [1e-4, 2e-4]
 
     client = MlflowClient(tracking_uri=uri)

@@ -67,5 +67,10 @@ def test_fractional_rounds_with_several_workers(ray_session, tmp_path):
     last = record.stats[-1]
     assert last.episodes == trainer.progress.episodes
     assert last.rounds == last.episodes // 4  # whole rounds only; the rest carries over
-    # results that arrived together were taken in together: fewer steps than episodes
-    assert len(record.stats) <= last.episodes
+    # ... at every learner step, not only at the end: a quarter round per episode, exactly
+    assert [s.rounds for s in record.stats] == [s.episodes // 4 for s in record.stats]
+    # each step took in every result that had arrived since the last one: at least one,
+    # and at most one per worker (a worker waits for the step that writes its next policies)
+    counts = [s.episodes for s in record.stats]
+    taken = [b - a for a, b in zip([0, *counts], counts)]
+    assert all(1 <= n <= 2 for n in taken), taken
