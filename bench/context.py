@@ -44,9 +44,9 @@ from pathlib import Path
 import numpy as np
 import ray
 
+from gogepo_ray.analysis.evaluation import context_label
 from gogepo_ray.callbacks import JsonlMetrics
 from gogepo_ray.config import load_config
-from gogepo_ray.evaluation import context_label
 from gogepo_ray.sysinfo import cpu_info
 from gogepo_ray.trainer import Trainer
 
@@ -169,7 +169,7 @@ def mean_velocity(run_dir: str, contexts: np.ndarray, episodes: int = 2) -> list
     import torch
 
     from gogepo_ray import checkpoint as ckpt
-    from gogepo_ray.core import make_learner
+    from gogepo_ray.algorithms import make_learner
     from gogepo_ray.envs import policy_spec
     from gogepo_ray.export import build_policy
 

@@ -27,10 +27,10 @@ import sys
 import time
 from pathlib import Path
 
+from gogepo_ray.analysis.plotting import fit_title
 from gogepo_ray.callbacks import JsonlMetrics
 from gogepo_ray.config import load_config
 from gogepo_ray.envs import policy_spec
-from gogepo_ray.plotting import fit_title
 from gogepo_ray.sysinfo import cpu_info, resolve_precision
 from gogepo_ray.trainer import Trainer
 

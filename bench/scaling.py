@@ -4,7 +4,7 @@
     python bench/scaling.py --workers 1 4 --upe 0.25 --seconds 20 --set env.kwargs.step_seconds=0.005
 
 Runs the real ``Trainer`` on a local Ray with the slow stand-in simulator of
-``configs/slow_env.yaml`` (``gogepo_ray.slow_env:SlowEnv``: it sleeps per step, so 8
+``configs/slow_env.yaml`` (``gogepo_ray.envs.slow_env:SlowEnv``: it sleeps per step, so 8
 workers fit on 2 cores; Ray's CPUs are over-committed for them). For every schedule and
 worker count: a warm-up, then ``--seconds`` of measurement, giving
 

@@ -5,7 +5,7 @@ direct in-process call of the same policy, so that what Serve adds is visible.
     python bench/serve.py runs/<run> --duration 30     # a run's checkpoint (best.pt where it has one)
     python bench/serve.py --duration 3                 # smoke: seconds, not figures
 
-Starts `gogepo serve`'s application (``gogepo_ray.serve.Service``) on a local Ray and
+Starts `gogepo serve`'s application (``gogepo_ray.integrations.serve.Service``) on a local Ray and
 measures, each phase for ``--duration`` seconds:
   - act_rate: /act at a fixed open-loop rate (``--rate``, default 200 requests/s, one
     observation each, one command): requests go out on a schedule from a pool of client
@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from gogepo_ray import checkpoint as ckpt
-from gogepo_ray.serve import Client, Served, ServeSettings, Service
+from gogepo_ray.integrations.serve import Client, Served, ServeSettings, Service
 from gogepo_ray.sysinfo import cpu_info
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,8 +59,8 @@ def pct(samples_s: list[float]) -> dict:
 def untrained_checkpoint(config: str, overrides: list[str], out: Path) -> Path:
     """A learner's state saved as training saves it: the serving cost of a generator does
     not depend on what it has learned."""
+    from gogepo_ray.algorithms import make_learner
     from gogepo_ray.config import load_config
-    from gogepo_ray.core import make_learner
     from gogepo_ray.envs import policy_spec
 
     cfg = load_config(config, overrides)

@@ -11,12 +11,13 @@ import json
 import sys
 from pathlib import Path
 
+from gogepo_ray.analysis.compare import CompareError
+from gogepo_ray.analysis.local import load_learner, rollouts
 from gogepo_ray.checkpoint import CheckpointError
-from gogepo_ray.compare import CompareError
 from gogepo_ray.config import ConfigError
 from gogepo_ray.envs import EnvError
 from gogepo_ray.errors import TrainingError
-from gogepo_ray.jobs import JobsError
+from gogepo_ray.integrations.jobs import JobsError
 from gogepo_ray.render import RenderError
 
 USER_ERRORS = (ConfigError, CheckpointError, EnvError, JobsError, RenderError, CompareError)
@@ -112,8 +113,8 @@ def _add_views(sub: argparse._SubParsersAction) -> None:
         "render",
         help="a video (mp4) of a run's evaluation policy, rendered offscreen by MuJoCo",
         description="Render evaluation episodes of a run's policy to an mp4. MUJOCO_GL picks the "
-        "OpenGL backend (default on Linux: egl where a GPU is visible, else osmesa); README "
-        "'Rendering' lists the system packages each needs.",
+        "OpenGL backend (default on Linux: egl where a GPU is visible, else osmesa); docs/results.md "
+        "'Rendering a policy video' lists the system packages each needs.",
     )
     p.add_argument("checkpoint", help="checkpoint file or run directory")
     _add_which(p)
@@ -279,8 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from gogepo_ray import checkpoint as ckpt
-    from gogepo_ray.callbacks import JsonlMetrics, MLflowTracker, ProgressBar
+    from gogepo_ray.callbacks import JsonlMetrics, ProgressBar
     from gogepo_ray.config import load_config
+    from gogepo_ray.tracking import MLflowTracker
     from gogepo_ray.trainer import Trainer, load_resume
 
     if args.resume and (args.config or args.overrides):
@@ -326,38 +328,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _local_learner(path: str, which: str | None = None):
-    import torch
-
-    from gogepo_ray import checkpoint as ckpt
-    from gogepo_ray.core import make_learner
-    from gogepo_ray.envs import policy_spec
-
-    payload = ckpt.load(path, which)
-    cfg = ckpt.config_of(payload)
-    if cfg.learner.device != "cpu" and not torch.cuda.is_available():
-        # A run trained with a GPU learner is evaluated, swept and exported anywhere: the
-        # checkpoint's tensors are on the CPU, and so is this learner.
-        cfg = cfg.model_copy(update={"learner": cfg.learner.model_copy(update={"device": "cpu"})})
-    spec = policy_spec(cfg.env.id, cfg.policy.hidden, cfg.env.kwargs)
-    learner = make_learner(cfg, spec)
-    try:
-        learner.load_state_dict(payload["learner"])
-    except (KeyError, RuntimeError, ValueError) as exc:
-        raise CheckpointError(
-            f"{path}: checkpoint does not match its env/architecture ({cfg.env.id}, hidden {cfg.policy.hidden}): {exc}"
-        ) from None
-    return cfg, spec, learner
-
-
-def _rollouts(cfg, spec):
-    from gogepo_ray.rollout import Rollouts
-
-    return Rollouts(
-        cfg.env.id, spec, env_kwargs=cfg.env.kwargs, max_episode_steps=cfg.env.max_episode_steps
-    )
-
-
 def _checkpoint_run_dir(checkpoint: str | Path) -> Path:
     """The run directory a checkpoint belongs to: RUN for RUN/checkpoints/x.pt, else the
     checkpoint file's folder."""
@@ -372,7 +342,7 @@ def _record_failures(checkpoint: str, batch, source: str, which: str | None = No
     file training writes; rows tagged with ``source`` and the checkpoint) and warn once on
     stderr. Returns how many episodes failed."""
     from gogepo_ray import checkpoint as ckpt
-    from gogepo_ray.evaluation import failure_rows
+    from gogepo_ray.analysis.evaluation import failure_rows
 
     rows = failure_rows(batch, source=source, checkpoint=str(ckpt.resolve(checkpoint, which)))
     if not rows:
@@ -404,7 +374,7 @@ def _context(cfg, values: list[float] | None):
             f"--context: this run's env {cfg.env.id} was not trained as a task family (no context section)"
         )
     from gogepo_ray.envs import family_of
-    from gogepo_ray.families import check_context
+    from gogepo_ray.envs.families import check_context
 
     space, names = family_of(cfg.env.id, cfg.env.kwargs)
     try:
@@ -421,14 +391,14 @@ def _check_command(command: float | None) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from gogepo_ray.callbacks import json_metric
-    from gogepo_ray.evaluation import finished_returns, mean_std
+    from gogepo_ray.analysis.evaluation import finished_returns, mean_std
+    from gogepo_ray.metrics import json_metric
 
     if args.episodes < 1:
         raise ConfigError("--episodes must be at least 1")
-    from gogepo_ray.core import takes_commands
+    from gogepo_ray.algorithms import takes_commands
 
-    cfg, spec, learner = _local_learner(args.checkpoint, args.which)
+    cfg, spec, learner = load_learner(args.checkpoint, args.which)
     if not takes_commands(cfg) and args.command is not None:
         raise ConfigError(f"--command: this is an {cfg.algorithm} run; its policy takes no command")
     _check_command(args.command)
@@ -436,9 +406,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if cfg.context is not None:
         return _eval_family(args, cfg, spec, learner, context)
     command = learner.eval_command() if args.command is None else args.command
-    result = _rollouts(cfg, spec).run(learner.propose_eval([command], args.episodes))
+    result = rollouts(cfg, spec).run(learner.propose_eval([command], args.episodes))
     failed = _record_failures(args.checkpoint, result, "gogepo eval", args.which)
-    lengths = [int(n) for n, f in zip(result.lengths, result.failures) if f is None]
+    lengths = result.lengths[result.ok()].tolist()
     mean, std = mean_std(finished_returns(result))
     out = {
         "env_id": cfg.env.id,
@@ -467,12 +437,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def _eval_family(args, cfg, spec, learner, context) -> int:
     """``gogepo eval`` on a task-family run: the given context, or every held-out one, each
     at ``--command`` or at its estimated best return."""
-    from gogepo_ray.callbacks import json_metric
-    from gogepo_ray.evaluation import context_label, per_context
+    from gogepo_ray.analysis.evaluation import context_label, per_context
+    from gogepo_ray.metrics import json_metric
 
     contexts = learner.contexts.heldout if context is None else context
     commands = None if args.command is None else [args.command] * len(contexts)
-    result = _rollouts(cfg, spec).run(learner.propose_eval(commands, args.episodes, contexts))
+    result = rollouts(cfg, spec).run(learner.propose_eval(commands, args.episodes, contexts))
     failed = _record_failures(args.checkpoint, result, "gogepo eval", args.which)
     groups = per_context(result)
     cmds = result.commands.reshape(len(contexts), args.episodes)[:, 0]
@@ -504,13 +474,12 @@ def _eval_family(args, cfg, spec, learner, context) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from gogepo_ray.evaluation import SweepResult, sweep_commands
+    from gogepo_ray.algorithms import takes_commands
+    from gogepo_ray.analysis.evaluation import command_sweep
 
     if args.episodes < 1:
         raise ConfigError("--episodes must be at least 1")
-    from gogepo_ray.core import takes_commands
-
-    cfg, spec, learner = _local_learner(args.checkpoint, args.which)
+    cfg, spec, learner = load_learner(args.checkpoint, args.which)
     if not takes_commands(cfg):
         raise ConfigError(
             f"sweep applies to GoGePo runs: this is an {cfg.algorithm} run, whose one policy takes "
@@ -522,26 +491,35 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         cfg = cfg.model_copy(
             update={"run": cfg.run.model_copy(update={"sweep_commands": args.commands})}
         )
-    commands = sweep_commands(cfg)
-    if cfg.context is not None:
-        return _sweep_family(args, cfg, spec, learner, commands)
-    result = _rollouts(cfg, spec).run(learner.propose_eval(commands, args.episodes))
-    _record_failures(args.checkpoint, result, "gogepo sweep", args.which)
-    sweep = SweepResult.from_batch(result, len(commands), args.episodes, cfg.env.survival_offset)
+    runner = rollouts(cfg, spec)
+    batches = []
+
+    def run(batch):
+        batches.append(runner.run(batch))
+        return batches[-1]
+
+    sweep = command_sweep(cfg, learner.propose_eval, run, args.episodes)
+    for batch in batches:
+        _record_failures(args.checkpoint, batch, "gogepo sweep", args.which)
     stem = Path(args.out) if args.out else _checkpoint_run_dir(args.checkpoint) / "sweep"
-    csv_path, png_path = sweep.write(stem, cfg.env.id)
-    print(f"{'command':>10} {'achieved':>10} {'std':>8} {'failed':>6}")
-    for c, m, s, f in zip(sweep.commands, sweep.mean, sweep.std, sweep.failed):
-        print(f"{c:10.1f} {m:10.1f} {s:8.1f} {f:6d}")
-    print(f"mean |achieved − commanded| = {sweep.mean_abs_error:.1f}")
+    total = sum(len(b.failures) for b in batches)
+    paths = sweep.write(stem, cfg.env.id)
+    if cfg.context is not None:
+        print(sweep.table_markdown())
+    else:
+        print(f"{'command':>10} {'achieved':>10} {'std':>8} {'failed':>6}")
+        for c, m, s, f in zip(sweep.commands, sweep.mean, sweep.std, sweep.failed):
+            print(f"{c:10.1f} {m:10.1f} {s:8.1f} {f:6d}")
+        print(f"mean |achieved − commanded| = {sweep.mean_abs_error:.1f}")
     _print_fidelity(sweep, learner)
     if sweep.failed_episodes:
+        cell = "cell" if cfg.context is not None else "command"
         print(
-            f"{sweep.failed_episodes} of {len(result.failures)} episodes failed and are left out "
-            "of the means (nan: every episode of that command failed)"
+            f"{sweep.failed_episodes} of {total} episodes failed and are left out "
+            f"of the means (nan: every episode of that {cell} failed)"
         )
-    print(f"wrote {csv_path} and {png_path}")
-    return 1 if sweep.failed_episodes == len(result.failures) else 0
+    print(f"wrote {', '.join(str(p) for p in paths)}")
+    return 1 if sweep.failed_episodes == total else 0
 
 
 def _print_fidelity(sweep, learner) -> None:
@@ -555,49 +533,11 @@ def _print_fidelity(sweep, learner) -> None:
     )
 
 
-def _sweep_family(args, cfg, spec, learner, commands) -> int:
-    """``gogepo sweep`` on a task-family run: held-out contexts × commands (a heatmap) and
-    the held-out table."""
-    from gogepo_ray.envs import family_of
-    from gogepo_ray.evaluation import ContextSweep
-
-    rollouts = _rollouts(cfg, spec)
-    batches = []
-
-    def run(batch):
-        batches.append(rollouts.run(batch))
-        return batches[-1]
-
-    sweep = ContextSweep.run(
-        learner.propose_eval,
-        run,
-        family_of(cfg.env.id, cfg.env.kwargs)[1],
-        learner.contexts.heldout,
-        commands,
-        args.episodes,
-        cfg.env.survival_offset,
-    )
-    for batch in batches:
-        _record_failures(args.checkpoint, batch, "gogepo sweep", args.which)
-    stem = Path(args.out) if args.out else _checkpoint_run_dir(args.checkpoint) / "sweep"
-    paths = sweep.write(stem, cfg.env.id)
-    print(sweep.table_markdown())
-    _print_fidelity(sweep, learner)
-    if sweep.failed_episodes:
-        print(
-            f"{sweep.failed_episodes} episodes failed and are left out of the means "
-            "(nan: every episode of that cell failed)"
-        )
-    print(f"wrote {', '.join(str(p) for p in paths)}")
-    total = sum(len(b.failures) for b in batches)
-    return 1 if sweep.failed_episodes == total else 0
-
-
 def cmd_export(args: argparse.Namespace) -> int:
-    from gogepo_ray.core import takes_commands
+    from gogepo_ray.algorithms import takes_commands
     from gogepo_ray.export import export_policy
 
-    cfg, _, learner = _local_learner(args.checkpoint, args.which)
+    cfg, _, learner = load_learner(args.checkpoint, args.which)
     if takes_commands(cfg) and args.command is None:
         raise ConfigError("--command is required: the desired return of the policy to export")
     if not takes_commands(cfg) and args.command is not None:
@@ -615,7 +555,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         what = f"G({args.command:g}, context {' '.join(f'{v:g}' for v in context[0])})"
     print(
         f"wrote {path}: {what} as a plain torch nn.Sequential "
-        "(load with gogepo_ray.export.load_policy, or the loader in README 'Export a policy')"
+        "(load with gogepo_ray.export.load_policy, or the loader in docs/results.md 'Export a policy')"
     )
     return 0
 
@@ -634,7 +574,7 @@ def cmd_render(args: argparse.Namespace) -> int:
     if args.out and Path(args.out).suffix.lower() != ".mp4":
         raise ConfigError(f"--out must be an .mp4 file, got {args.out!r}")
     prepare_gl()  # a machine that cannot render says so before anything is loaded
-    cfg, spec, learner = _local_learner(args.checkpoint, args.which)
+    cfg, spec, learner = load_learner(args.checkpoint, args.which)
     _check_command(args.command)
     context = _context(cfg, args.context)
     if cfg.context is not None and context is None:
@@ -674,7 +614,7 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from gogepo_ray.compare import compare_runs
+    from gogepo_ray.analysis.compare import compare_runs
 
     result = compare_runs(args.runs, args.out, args.x)
     for note in result.notes:
@@ -707,7 +647,7 @@ def _follow(cluster, job_id: str, timeout: float | None) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from gogepo_ray import jobs
+    from gogepo_ray.integrations import jobs
 
     working_dir = None if args.no_working_dir else args.working_dir
     submission = jobs.build_submission(args.config, args.overrides, working_dir, args.pip)
@@ -722,7 +662,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
-    from gogepo_ray import jobs
+    from gogepo_ray.integrations import jobs
 
     cluster = jobs.Cluster(args.address)
     if args.jobs_cmd == "status":
@@ -744,7 +684,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     import os
 
-    from gogepo_ray.serve import TOKEN_ENV, ServeSettings, run_cli
+    from gogepo_ray.integrations.serve import TOKEN_ENV, ServeSettings, run_cli
 
     settings = ServeSettings(
         host=args.host,

@@ -135,6 +135,10 @@ class ExplorationConfig(_Section):
     """σ of the Gaussian noise added to generated parameters of training policies (with ``noise: adaptive``, its starting value)."""
     noise: Literal["fixed", "adaptive"] = "fixed"
     """``fixed``: σ is ``param_noise`` throughout (the paper). ``adaptive``: σ is scaled after every batch of training policies so that a noisy policy's actions differ from the noise-free G(c)'s by ``action_distance`` (Plappert et al. 2018, arXiv 1706.01905)."""
+    restart_patience: int | None = Field(default=None, ge=1)
+    """Restarts for a run stuck in its first basin: when the best evaluation of the current attempt has not risen by ``restart_gain`` of (return_max − return_min) for this many training env steps, and is below return_max minus that, the learner starts afresh: new generator, critic and optimisers from a new seed, an empty buffer, new observation statistics and noise. The run's best evaluation and ``best.pt`` stay; ``run.restore_drop`` then compares with the new attempt's best. None: never (the paper)."""
+    restart_gain: float = Field(default=0.1, gt=0, le=1)
+    """``restart_patience``: the rise of the best evaluation, as a fraction of (return_max − return_min), that counts as progress."""
     action_distance: float = Field(default=0.1, gt=0)
     """``noise: adaptive``: the target root-mean-square action difference between G(c) + σε and G(c), in units of half the action range, on 64 standard-normal (normalised) observations."""
 
@@ -301,13 +305,13 @@ class RunConfig(_Section):
     sweep_at_end: bool = True
     """Run the command sweep once training ends and record it with the run."""
     render_at_end: bool = False
-    """With tracking on: once training ends, render one evaluation episode (at most 1000 steps) to ``<run_dir>/policy.mp4`` and log it to MLflow. Needs an OpenGL backend (docs/results.md, "Rendering a policy video"); without one the run only warns."""
+    """Once training ends, render one evaluation episode (at most 1000 steps) to ``<run_dir>/policy.mp4`` (logged to MLflow with tracking on). Needs an OpenGL backend (docs/results.md, "Rendering a policy video"); without one the run only warns."""
     max_worker_restarts: int = Field(default=20, ge=0)
     """Dead rollout workers replaced (their episodes re-issued) before the run fails."""
     max_consecutive_failures: int = Field(default=200, ge=1)
     """Training episodes failing in a row (env errors, non-finite values) before the run stops with an error."""
     worker_placement_timeout_s: float = Field(default=120.0, gt=0)
-    """Seconds a replacement rollout worker may wait for a place on the cluster (after its node is lost, say). After that the run says so once and goes on with the workers it has; a replacement placed later joins the pool. With no live worker left the run stops with an error naming its checkpoint and ``gogepo train --resume``."""
+    """Seconds a replacement rollout worker may wait for a place on the cluster (after its node is lost, say). After that the run says so once and goes on with the workers it has; a replacement placed later joins the pool. With no live worker left the run stops with an error naming its checkpoint and ``gogepo train --resume``. A rebuilt learner (``max_learner_restarts``) gets as long to be placed and start, or the run stops with that error."""
     max_learner_restarts: int = Field(default=3, ge=0)
     """Times the learner actor is rebuilt from ``checkpoints/latest.pt`` when it dies (its node lost, say). The episodes taken in since that checkpoint are lost and counted. 0: a dead learner stops the run with an error naming ``gogepo train --resume``."""
 
@@ -324,8 +328,8 @@ class TrackingConfig(_Section):
 class Config(_Section):
     """A whole GoGePo run."""
 
-    algorithm: Literal["gogepo", "ars"] = "gogepo"
-    """``gogepo``: the generator of policies. ``ars``: the paper's baseline, Augmented Random Search V2-t, on the same workers (the ``ars`` section; ``generator``, ``critic``, ``buffer`` and ``exploration`` are then unused)."""
+    algorithm: str = "gogepo"
+    """A registered algorithm (``gogepo_ray.algorithms``). ``gogepo``: the generator of policies. ``ars``: the paper's baseline, Augmented Random Search V2-t, on the same workers (the ``ars`` section; ``generator``, ``critic``, ``buffer`` and ``exploration`` are then unused)."""
     env: EnvConfig = Field(default_factory=EnvConfig)
     """The env to train on, and the range of returns that commands are normalised by."""
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
@@ -349,11 +353,19 @@ class Config(_Section):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     """MLflow tracking of the run."""
 
+    @field_validator("algorithm")
+    @classmethod
+    def _check_algorithm(cls, name: str) -> str:
+        from gogepo_ray import algorithms
+
+        algorithms.get(name)  # a ValueError naming the registered algorithms
+        return name
+
     @model_validator(mode="after")
     def _check_eval_command(self) -> Config:
         if self.run.eval_command != "sweep":
             return self
-        from gogepo_ray.core import takes_commands
+        from gogepo_ray.algorithms import takes_commands
 
         if not takes_commands(self):
             raise ValueError(
@@ -371,10 +383,11 @@ class Config(_Section):
     def _check_context(self) -> Config:
         if self.context is None:
             return self
+        from gogepo_ray import algorithms
         from gogepo_ray.envs import family_of
-        from gogepo_ray.families import check_context
+        from gogepo_ray.envs.families import check_context
 
-        if self.algorithm != "gogepo":
+        if not algorithms.of(self).takes_contexts:
             raise ValueError(
                 f"context: task contexts are for algorithm gogepo, not {self.algorithm}"
             )

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from gogepo_ray.core.policy import PolicySpec
     from gogepo_ray.types import ParamBatch
 
-# What each backend needs on Debian/Ubuntu (README "Rendering" has other distributions).
+# What each backend needs on Debian/Ubuntu (docs/results.md "Rendering a policy video" has other distributions).
 GL_PACKAGES = {
     "osmesa": "apt-get install libosmesa6",
     "egl": "apt-get install libegl1 libegl-mesa0 (on an NVIDIA node the driver's EGL; in a "
@@ -118,7 +118,7 @@ def prepare_gl() -> str | None:
         why = lines[-1][:200] if lines else f"exit status {probe.returncode}"
         raise RenderError(
             f"MUJOCO_GL={backend} cannot open an OpenGL context ({why}); install the system "
-            f"package: {GL_PACKAGES[backend]}. README 'Rendering' lists the packages"
+            f"package: {GL_PACKAGES[backend]}. docs/results.md 'Rendering a policy video' lists the packages"
         )
     os.environ["MUJOCO_GL"] = backend
     _READY.add(backend)

@@ -11,7 +11,7 @@ the statistics delta, merging it into the statistics the policy follows, normali
 the MLP forward and the map onto the action bounds) is one compiled call (numba), on
 buffers allocated once per batch. In Python each of those is a numpy call of about a
 microsecond, and a 256×256 policy spent most of a MuJoCo step's time on them; see
-``bench/throughput.py`` and README "Rollout workers".
+``bench/throughput.py`` and docs/benchmarks.md "Rollout workers".
 """
 
 from __future__ import annotations

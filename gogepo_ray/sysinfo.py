@@ -16,7 +16,7 @@ BF16_FLAGS = ("amx_bf16", "amx_tile", "avx512_bf16")
 # The learner actor's malloc settings (it runs with these env vars; bench/learner_step.py too).
 # glibc returns large freed blocks to the OS at once, so every learner step page-faults
 # its (B·tiles, 256) activations in afresh. Keeping them costs a few hundred MB and makes
-# a generator step about 1.5x faster on CPU (measured; see README "Performance").
+# a generator step about 1.5x faster on CPU (measured; see docs/benchmarks.md "Learner").
 LEARNER_ENV = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "1073741824"}
 
 
@@ -51,7 +51,7 @@ def bf16_flags() -> list[str]:
 def bf16_pays(device: str) -> bool:
     """bf16 arithmetic is faster than fp32 here: a GPU, or a CPU with AMX or AVX512-BF16.
 
-    Measured with ``bench/learner_step.py`` (README "Performance"): on CPUs without these
+    Measured with ``bench/learner_step.py`` (docs/benchmarks.md "Learner"): on CPUs without these
     units bf16 is emulated and gains little or loses.
     """
     if device.startswith("cuda"):

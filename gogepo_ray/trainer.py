@@ -32,8 +32,17 @@ import ray
 import torch
 
 from gogepo_ray import checkpoint as ckpt
+from gogepo_ray.algorithms import takes_commands
+from gogepo_ray.analysis.evaluation import (
+    ContextSweep,
+    SweepResult,
+    choose_command,
+    command_sweep,
+    failure_rows,
+    heldout_metrics,
+    plot_learning_curve,
+)
 from gogepo_ray.config import Config
-from gogepo_ray.core import takes_commands
 from gogepo_ray.core.normalizer import EPS
 from gogepo_ray.distributed.actors import (
     check_learner_gpu,
@@ -42,17 +51,8 @@ from gogepo_ray.distributed.actors import (
     rollout_actor,
     wait_for_learner,
 )
-from gogepo_ray.envs import family_of, policy_spec
+from gogepo_ray.envs import policy_spec
 from gogepo_ray.errors import TrainingError
-from gogepo_ray.evaluation import (
-    ContextSweep,
-    SweepResult,
-    choose_command,
-    failure_rows,
-    heldout_metrics,
-    plot_learning_curve,
-    sweep_commands,
-)
 from gogepo_ray.types import EpisodeBatch, LearnerStats, ParamBatch
 
 
@@ -83,6 +83,7 @@ class Progress:
     best_eval_return: float | None = None  # the best evaluation so far (checkpoints/best.pt)
     best_eval_env_steps: int | None = None
     restores: int = 0  # times run.restore_drop put the best networks back
+    exploration_restarts: int = 0  # times exploration.restart_patience started afresh
     learner_restarts: int = 0  # learner actors rebuilt from checkpoints/latest.pt
     lost_episodes: int = 0  # taken in after that checkpoint by a learner that then died
     lost_env_steps: int = 0
@@ -99,6 +100,7 @@ _CUMULATIVE = (
     "best_eval_return",
     "best_eval_env_steps",
     "restores",
+    "exploration_restarts",
     "learner_restarts",
     "lost_episodes",
     "lost_env_steps",
@@ -504,7 +506,7 @@ class Trainer:
         results waiting for the learner's next step. An evaluation's small sweep (``probe``)
         sends its chosen command's episodes to the same worker; True when it did."""
         self.progress.rollout_seconds += result.rollout_seconds
-        ok = np.array([f is None for f in result.failures], dtype=bool)
+        ok = result.ok()
         failed = np.flatnonzero(~ok).tolist()
         self._log_failures(result, failed)
         if result.kind == "eval":
@@ -540,7 +542,7 @@ class Trainer:
     def _record_eval(self, result: EpisodeBatch, issued_at: int) -> None:
         """An evaluation's result: history, callbacks, and the learner's best (a new best is
         written to checkpoints/best.pt; a fall past run.restore_drop restores it)."""
-        returns = result.returns[[f is None for f in result.failures]]
+        returns = result.returns[result.ok()]
         mean = float(returns.mean()) if len(returns) else float("nan")
         std = float(returns.std()) if len(returns) else float("nan")
         self.progress.eval_history.append([issued_at, mean, std])
@@ -559,6 +561,14 @@ class Trainer:
                 f"note: evaluation {mean:.1f} at {issued_at} steps fell past run.restore_drop "
                 f"below the best ({self.progress.best_eval_return:.1f} at "
                 f"{self.progress.best_eval_env_steps}); the best generator and critic are restored",
+                file=sys.stderr,
+            )
+        if outcome.get("restarted"):
+            self.progress.exploration_restarts += 1
+            print(
+                f"note: the best evaluation has not risen by exploration.restart_gain for "
+                f"exploration.restart_patience steps ({issued_at} steps); the learner starts afresh "
+                f"(best.pt keeps {self.progress.best_eval_return:.1f})",
                 file=sys.stderr,
             )
         for cb in self.callbacks:
@@ -750,36 +760,25 @@ class Trainer:
         """Count an evaluation-kind batch run outside the loop (sweeps) and log its failures."""
         self.progress.eval_env_steps += int(result.lengths.sum())
         self.progress.rollout_seconds += result.rollout_seconds
-        failed = [i for i, f in enumerate(result.failures) if f is not None]
+        failed = np.flatnonzero(~result.ok()).tolist()
         self._log_failures(result, failed, source=source)
 
     @_recovers
     def sweep(self, episodes: int = 1) -> SweepResult | ContextSweep:
-        """Achieved against commanded return over the env's return range; for a task family
-        over held-out contexts × commands, with the held-out table."""
-        commands = sweep_commands(self.cfg)
-        if self.cfg.context is not None:
-            runs: list[EpisodeBatch] = []
+        """The command sweep (``analysis.evaluation.command_sweep``) on the workers; its
+        episodes count as evaluation steps and its failures are logged."""
 
-            def run(batch: ParamBatch) -> EpisodeBatch:
-                runs.append(self.run_batch(batch))
-                return runs[-1]
+        def run(batch: ParamBatch) -> EpisodeBatch:
+            result = self.run_batch(batch)
+            self._account(result, "sweep")  # failed episodes are left out of the means
+            return result
 
-            sweep = ContextSweep.run(
-                lambda c, e, x: self._lget(self.learner.propose_eval.remote(c, e, x)),
-                run,
-                family_of(self.cfg.env.id, self.cfg.env.kwargs)[1],
-                self.cfg.context.heldout,
-                commands,
-                episodes,
-                self.cfg.env.survival_offset,
-            )
-            for result in runs:
-                self._account(result, "sweep")
-            return sweep
-        result = self.evaluate(commands, episodes)
-        self._account(result, "sweep")  # failed episodes are left out of the sweep's means
-        return SweepResult.from_batch(result, len(commands), episodes, self.cfg.env.survival_offset)
+        return command_sweep(
+            self.cfg,
+            lambda c, e, x: self._lget(self.learner.propose_eval.remote(c, e, x)),
+            run,
+            episodes,
+        )
 
     @_recovers
     def finish(self) -> dict:
@@ -809,10 +808,14 @@ class Trainer:
         plot_learning_curve(
             summary["eval_history"], self.run_dir / "learning_curve.png", self.cfg.env.id
         )
+        if self.cfg.run.render_at_end:
+            from gogepo_ray.render import render_at_end
+
+            render_at_end(self)  # <run_dir>/policy.mp4, or a warning
         if self.cfg.context is not None:  # the final evaluation, per held-out context
             summary["heldout"] = dict(self.last_eval_contexts)
         # failed episodes are left out of the final evaluation's and the sweep's means
-        summary["final_eval_failed_episodes"] = sum(f is not None for f in final.failures)
+        summary["final_eval_failed_episodes"] = int((~final.ok()).sum())
         summary["sweep_failed_episodes"] = sweep.failed_episodes if sweep else None
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         self._finished = True
@@ -845,6 +848,7 @@ class Trainer:
             "best_eval_return": p.best_eval_return,
             "best_eval_env_steps": p.best_eval_env_steps,
             "restores": p.restores,
+            "exploration_restarts": p.exploration_restarts,
             "wall_seconds": self.wall_seconds,
             "learner_seconds": learner_seconds,
             "learner_seconds_per_episode": learner_seconds / max(1, p.episodes),

@@ -61,6 +61,10 @@ class EpisodeBatch(NamedTuple):
     rollout_seconds: float
     contexts: np.ndarray | None = None  # (n, k) echoed from the ParamBatch; None: no family
 
+    def ok(self) -> np.ndarray:
+        """(n,) bool: the episodes that finished (did not fail)."""
+        return np.fromiter((f is None for f in self.failures), bool, len(self.failures))
+
 
 class LearnerStats(NamedTuple):
     """A learner's counters after an update, and its own metrics by their logged names."""

@@ -92,7 +92,8 @@ def run_gogepo(
 def tracked_run(cfg, uri: str, experiment: str) -> tuple[dict, str]:
     """Train ``cfg`` to its total_env_steps on the session's Ray, with metrics.jsonl and an
     MLflow run in ``uri``; returns the summary and the MLflow run id."""
-    from gogepo_ray.callbacks import JsonlMetrics, MLflowTracker
+    from gogepo_ray.callbacks import JsonlMetrics
+    from gogepo_ray.tracking import MLflowTracker
 
     tracker = MLflowTracker(tracking_uri=uri, experiment=experiment)
     summary, _ = train_to_end(cfg, [JsonlMetrics(), tracker])

@@ -76,7 +76,13 @@ def in_process(case: str, out: Path) -> dict:
     cluster, learner_node = start_cluster()
     ray.init(address=cluster.address, log_to_driver=False)
     workers = 1 if case in ("learner_node", "no_worker_left") else 2
-    cfg = load_config(IP, [*SETTINGS, f"run.workers={workers}", f"run.output_dir={out}"])
+    # The learner's restart waits run.worker_placement_timeout_s for the new actor to be
+    # placed and built (a process start and the torch import: several seconds on a slow
+    # 2-core machine); the worker cases keep 4 s, the wait they are about.
+    wait = ["run.worker_placement_timeout_s=60"] if case == "learner_node" else []
+    cfg = load_config(
+        IP, [*SETTINGS, f"run.workers={workers}", f"run.output_dir={out}", *wait]
+    )
     events: list[str] = []
 
     checkpoints: list[int] = []

@@ -16,9 +16,14 @@ import ray
 import torch
 
 from gogepo_ray import checkpoint as ckpt
+from gogepo_ray.algorithms import make_learner, takes_commands
+from gogepo_ray.algorithms.ars.learner import (
+    ArsLearner,
+    ars_step,
+    directions,
+    initial_policy_params,
+)
 from gogepo_ray.config import ConfigError, load_config
-from gogepo_ray.core import make_learner, takes_commands
-from gogepo_ray.core.ars import ArsLearner, ars_step, directions, initial_policy_params
 from gogepo_ray.envs import policy_spec
 from gogepo_ray.trainer import Trainer, resume_trainer
 from tests.conftest import ROOT, assert_same_state, make_batch, train_to_end
@@ -277,7 +282,7 @@ def test_ars_as_an_rllib_algorithm_of_its_own_name(ray_session, tmp_path, monkey
     from ray.rllib.algorithms.algorithm import Algorithm
     from ray.tune.registry import get_trainable_cls
 
-    from gogepo_ray.rllib import GoGePoARS, GoGePoARSConfig, GoGePoConfig
+    from gogepo_ray.integrations.rllib import GoGePoARS, GoGePoARSConfig, GoGePoConfig
 
     monkeypatch.setattr(
         "ray.tune.trainable.trainable.DEFAULT_STORAGE_PATH", str(tmp_path / "ray_results")

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gogepo_ray import compare
-from gogepo_ray.plotting import fit_title
+from gogepo_ray.analysis import compare
+from gogepo_ray.analysis.plotting import fit_title
 from tests.conftest import TINY, run_gogepo
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from gogepo_ray import checkpoint as ckpt
+from gogepo_ray.algorithms import make_learner
 from gogepo_ray.config import ConfigError, load_config
-from gogepo_ray.core import make_learner
 from gogepo_ray.core.buffer import ReplayBuffer
 from gogepo_ray.core.context import TaskContexts
 from gogepo_ray.core.critic import Critic

@@ -660,7 +660,7 @@ def test_learner_ingest(cfg, spec):
         failures=(None, "worker died: env raised", None),
         obs=obs,
     )
-    stats = learner.ingest(batch)
+    stats = learner.step([batch], [])[-1]
     # survival offset -1: training return = return - length; the failed episode is skipped.
     assert learner.buffer.returns_in_order() == [60.0, 20.0]
     buf_params = learner.buffer.state_dict()["params"].numpy()
@@ -685,7 +685,7 @@ def test_learner_ingest(cfg, spec):
 
     # A worse batch does not lower the best; statistics keep merging.
     obs2 = np.random.default_rng(1).normal(-1.0, 1.0, size=(30, spec.obs_dim))
-    stats = learner.ingest(make_batch(pb2, returns=[10.0, 45.0], lengths=[5, 5], obs=obs2))
+    stats = learner.step([make_batch(pb2, returns=[10.0, 45.0], lengths=[5, 5], obs=obs2)], [])[-1]
     assert learner.buffer.returns_in_order() == [60.0, 20.0, 5.0, 40.0]
     assert learner.best_return == 60.0 and learner.env_steps == 60 and learner.episodes == 4
     both = np.concatenate([obs, obs2])
@@ -694,17 +694,19 @@ def test_learner_ingest(cfg, spec):
 
     # All-failed batch: counted, nothing stored, statistics still merged (as sent).
     pb3 = learner.propose(2)
-    learner.ingest(make_batch(pb3, returns=[0.0, 0.0], lengths=[3, 3], failures=("a", "b")))
+    learner.step([make_batch(pb3, returns=[0.0, 0.0], lengths=[3, 3], failures=("a", "b"))], [])[-1]
     assert learner.failed_episodes == 3 and learner.episodes == 4 and len(learner.buffer) == 4
 
     with pytest.raises(ValueError):
-        learner.ingest(make_batch(pb3, [1.0, 1.0], [1, 1])._replace(kind="eval"))
+        learner.step([make_batch(pb3, [1.0, 1.0], [1, 1])._replace(kind="eval")], [])[-1]
 
 
 def test_learner_first_best_return_can_be_negative(cfg, spec):
     learner = Learner(cfg, spec)
     pb = learner.propose(2)
-    learner.ingest(make_batch(pb, returns=[5.0, 2.0], lengths=[10, 10]))  # training returns -5, -8
+    learner.step([make_batch(pb, returns=[5.0, 2.0], lengths=[10, 10])], [])[
+        -1
+    ]  # training returns -5, -8
     assert learner.best_return == -5.0
     assert np.all(learner.propose(1).commands == 15.0)
 
@@ -819,14 +821,17 @@ def _run_a_bit(learner: Learner, rng: np.random.Generator, rounds: int = 2) -> N
     obs_dim = learner.spec.obs_dim
     for _ in range(rounds):
         pb = learner.propose(3)
-        learner.ingest(
-            make_batch(
-                pb,
-                returns=rng.uniform(0, 300, 3),
-                lengths=rng.integers(5, 50, 3),
-                obs=rng.normal(size=(20, obs_dim)),
-            )
-        )
+        learner.step(
+            [
+                make_batch(
+                    pb,
+                    returns=rng.uniform(0, 300, 3),
+                    lengths=rng.integers(5, 50, 3),
+                    obs=rng.normal(size=(20, obs_dim)),
+                )
+            ],
+            [],
+        )[-1]
 
 
 def test_learner_state_dict_exact_resume(cfg, spec, tmp_path):
@@ -959,7 +964,7 @@ def test_fractional_updates_per_episode_carry_over(cfg, spec):
     learner = Learner(_schedule_cfg(cfg, 0.25), spec)
     rounds = []
     for k in range(10):
-        learner.ingest(_episode(learner, float(k)))
+        learner.step([_episode(learner, float(k))], [])[-1]
         rounds.append(learner.rounds)
     # one round at the 4th and the 8th episode; 2 episodes' worth (0.5) carried over
     assert rounds == [0, 0, 0, 1, 1, 1, 1, 2, 2, 2]
@@ -977,12 +982,12 @@ def test_fractional_updates_per_episode_carry_over(cfg, spec):
 def test_rounds_owed_survive_a_checkpoint(cfg, spec):
     a = Learner(_schedule_cfg(cfg, 0.25), spec)
     for k in range(3):
-        a.ingest(_episode(a, float(k)))
+        a.step([_episode(a, float(k))], [])[-1]
     b = Learner(_schedule_cfg(cfg, 0.25), spec)
     b.load_state_dict(a.state_dict())
     assert b.rounds_owed == a.rounds_owed == Fraction(3, 4) and b.rounds == 0
-    a.ingest(_episode(a, 5.0))
-    b.ingest(_episode(b, 5.0))
+    a.step([_episode(a, 5.0)], [])[-1]
+    b.step([_episode(b, 5.0)], [])[-1]
     assert a.rounds == b.rounds == 1
 
 
@@ -997,6 +1002,6 @@ def test_policies_carry_the_training_steps_their_generator_learned_from(cfg, spe
     learner = Learner(cfg, spec)
     assert learner.propose_eval().trained_env_steps == 0
     pb = learner.propose(2)
-    learner.ingest(make_batch(pb, returns=[1.0, 2.0], lengths=[7, 5]))
+    learner.step([make_batch(pb, returns=[1.0, 2.0], lengths=[7, 5])], [])[-1]
     assert learner.propose_eval().trained_env_steps == 12
     assert learner.propose(1).trained_env_steps == 12

@@ -89,3 +89,13 @@ def test_readme_opens_with_the_two_commands_and_ci_runs_the_second():
 
 def test_readme_is_a_quick_start():
     assert len((ROOT / "README.md").read_text().splitlines()) <= 200
+
+
+def test_readme_is_short_and_starts_with_the_two_commands():
+    lines = (ROOT / "README.md").read_text().splitlines()
+    assert len(lines) <= 200, f"README.md has {len(lines)} lines; keep it to 200 and link docs/"
+    first = next(i for i, line in enumerate(lines) if line.startswith("```"))
+    block = lines[first + 1 : first + 3]
+    assert block[0].startswith("make train") and block[1].startswith("make test"), block
+    for target in ("train:", "test:"):  # the Makefile has both targets
+        assert target in (ROOT / "Makefile").read_text()

@@ -1,4 +1,4 @@
-"""Task-family envs (gogepo_ray.families): the context protocol and each family's reward."""
+"""Task-family envs (gogepo_ray.envs.families): the context protocol and each family's reward."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 import gogepo_ray.envs  # noqa: F401 - the import that registers the ids where Ray workers run
-from gogepo_ray import families
-from gogepo_ray.families import check_context, context_space_of
+from gogepo_ray.envs import families
+from gogepo_ray.envs.families import check_context, context_space_of
 
 FAMILY_IDS = {"PointGoal-v0": 100, "HalfCheetahVel-v0": 200, "AntDir-v0": 200}
 BASE_OF = {"HalfCheetahVel-v0": "HalfCheetah-v5", "AntDir-v0": "Ant-v5"}
@@ -132,7 +132,7 @@ def test_registration_is_idempotent():
     code = (
         "import importlib, warnings\n"
         "import gymnasium as gym\n"
-        "import gogepo_ray.families as f\n"
+        "import gogepo_ray.envs.families as f\n"
         "with warnings.catch_warnings(record=True) as caught:\n"
         "    warnings.simplefilter('always')\n"
         "    importlib.reload(f)\n"

@@ -60,7 +60,7 @@ def assert_counters_agree(trainer: Trainer, summary: dict) -> dict:
 def test_killed_workers_are_replaced_and_their_episodes_reissued(ray_session, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from gogepo_ray.callbacks import MLflowTracker
+    from gogepo_ray.tracking import MLflowTracker
 
     cfg = point_cfg(tmp_path, "run.workers=2", "run.total_env_steps=1200", sleep=0.01)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from gogepo_ray import checkpoint as ckpt
+from gogepo_ray.analysis.evaluation import choose_command, command_fidelity
 from gogepo_ray.config import ConfigError, build_config, load_config
 from gogepo_ray.core.buffer import BucketBuffer
 from gogepo_ray.core.learner import Learner
 from gogepo_ray.envs import policy_spec
-from gogepo_ray.evaluation import choose_command, command_fidelity
 from tests.conftest import make_batch, run_gogepo, train_to_end
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -119,14 +119,14 @@ def test_best_evaluation_is_kept_and_restored_after_a_fall():
     learner.best_return = 500.0
     learner.begin_eval(2)
     best_weights = {k: v.clone() for k, v in learner.generator.state_dict().items()}
-    assert learner.end_eval(900.0) == {"best": True, "restored": False}
+    assert learner.end_eval(900.0) == {"best": True, "restored": False, "restarted": False}
     for p in learner.generator.parameters():
         p.data.add_(1.0)
     learner.begin_eval(2)
-    assert learner.end_eval(700.0) == {"best": False, "restored": False}  # 200 < 0.3 * 1000
+    assert learner.end_eval(700.0) == {"best": False, "restored": False, "restarted": False}  # 200 < 0.3 * 1000
     moved = {k: v.clone() for k, v in learner.generator.state_dict().items()}
     learner.begin_eval(2)
-    assert learner.end_eval(100.0) == {"best": False, "restored": True}
+    assert learner.end_eval(100.0) == {"best": False, "restored": True, "restarted": False}
     for k, v in learner.generator.state_dict().items():
         assert torch.equal(v, best_weights[k]) and not torch.equal(v, moved[k])
     best = learner.best_state_dict()
@@ -138,6 +138,49 @@ def test_best_evaluation_is_kept_and_restored_after_a_fall():
     again = Learner(_cfg(restore_drop=0.3), spec)
     again.load_state_dict(learner.state_dict())
     assert again.best_eval["return"] == 900.0 and again.restores == 1
+
+
+def test_a_stalled_attempt_restarts_afresh_and_keeps_the_run_going():
+    spec = policy_spec("InvertedPendulum-v5", [])
+    cfg = build_config(
+        _cfg().model_dump() | {"exploration": {"restart_patience": 3000, "restart_gain": 0.1}}
+    )
+    learner = Learner(cfg, spec)
+    params = learner.propose(2)
+    learner.step([make_batch(params, returns=[40.0, 50.0], lengths=[40, 50])], [])
+    first = {k: v.clone() for k, v in learner.generator.state_dict().items()}
+
+    def evaluate(mean, steps):
+        learner.env_steps = steps
+        learner.begin_eval(2)
+        return learner.end_eval(mean)
+
+    assert not evaluate(50.0, 2000)["restarted"]  # the mark: 50 at 2000 steps
+    assert not evaluate(140.0, 4000)["restarted"]  # a rise of 90 < 0.1 × 1000: no progress
+    out = evaluate(60.0, 5000)  # 3000 steps since the mark, still below 50 + 100
+    assert out["restarted"] and learner.restarts == 1
+    # a fresh start: other networks, an empty buffer, no best; the counters go on
+    assert len(learner.buffer) == 0 and learner.best_return is None
+    assert learner.best_eval is None and learner.env_steps == 5000 and learner.episodes == 2
+    assert any(not torch.equal(v, first[k]) for k, v in learner.generator.state_dict().items())
+    assert learner.stats().metrics["explore/restarts"] == 1
+    # a real rise resets the clock; at the top of the range nothing restarts
+    assert not evaluate(300.0, 6000)["restarted"]
+    assert not evaluate(1000.0, 7000)["restarted"]
+    assert not evaluate(1000.0, 20000)["restarted"]
+    # restarts and the mark survive a checkpoint
+    again = Learner(cfg, spec)
+    again.load_state_dict(learner.state_dict())
+    assert again.restarts == 1 and again._progress_mark == learner._progress_mark
+
+
+def test_no_restart_without_restart_patience():
+    learner = Learner(_cfg(), policy_spec("InvertedPendulum-v5", []))
+    for k in range(20):
+        learner.env_steps = 1000 * k
+        learner.begin_eval(1)
+        assert not learner.end_eval(10.0)["restarted"]
+    assert learner.restarts == 0
 
 
 def test_adaptive_noise_moves_sigma_towards_the_action_distance():
@@ -166,6 +209,9 @@ def test_adaptive_noise_moves_sigma_towards_the_action_distance():
         (["buffer.buckets=0"], "buffer.buckets"),
         (["exploration.noise=big"], "exploration.noise"),
         (["exploration.action_distance=0"], "exploration.action_distance"),
+        (["exploration.restart_patience=0"], "exploration.restart_patience"),
+        (["exploration.restart_gain=0"], "exploration.restart_gain"),
+        (["exploration.restart_gain=2"], "exploration.restart_gain"),
     ],
 )
 def test_new_options_are_validated(overrides, message):

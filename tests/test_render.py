@@ -35,8 +35,9 @@ def _frames(path: Path) -> tuple[int, tuple[int, ...]]:
 
 @pytest.fixture(scope="module")
 def tiny_run(ray_session, tmp_path_factory):
-    from gogepo_ray.callbacks import JsonlMetrics, MLflowTracker
+    from gogepo_ray.callbacks import JsonlMetrics
     from gogepo_ray.config import load_config
+    from gogepo_ray.tracking import MLflowTracker
     from gogepo_ray.trainer import Trainer
 
     out = tmp_path_factory.mktemp("render")

@@ -13,17 +13,14 @@ import numpy as np
 import pytest
 
 from gogepo_ray import checkpoint as ckpt
-from gogepo_ray.callbacks import (
-    JsonlMetrics,
-    MLflowTracker,
-    json_metric,
-    mlflow_error_is_transient,
-)
+from gogepo_ray.callbacks import JsonlMetrics
 from gogepo_ray.config import load_config
 from gogepo_ray.core.learner import Learner
 from gogepo_ray.envs import policy_spec
 from gogepo_ray.errors import TrainingError
+from gogepo_ray.metrics import json_metric
 from gogepo_ray.rollout import Rollouts
+from gogepo_ray.tracking import MLflowTracker, mlflow_error_is_transient
 from gogepo_ray.trainer import Trainer
 from tests.conftest import TINY, run_gogepo, train_to_end
 from tests.servers import free_ports, start_mlflow_server, stop_server

@@ -12,7 +12,7 @@ import pytest
 
 from gogepo_ray import checkpoint as ckpt
 from gogepo_ray.config import ConfigError
-from gogepo_ray.rllib import PAYLOAD_FILE, GoGePo, GoGePoConfig, tune_with_mlflow
+from gogepo_ray.integrations.rllib import PAYLOAD_FILE, GoGePo, GoGePoConfig, tune_with_mlflow
 from tests.conftest import assert_same_state
 
 pytestmark = pytest.mark.e2e
@@ -138,7 +138,7 @@ def test_registered_by_name_whatever_the_import_order():
     for proc in procs:
         out, err = proc.communicate(timeout=180)
         assert proc.returncode == 0, err[-2000:]
-        assert out.strip().splitlines()[-1] == "gogepo_ray.rllib", out
+        assert out.strip().splitlines()[-1] == "gogepo_ray.integrations.rllib", out
 
 
 # ---------------------------------------------------------------------- train + checkpoints

@@ -27,7 +27,7 @@ import torch
 from gogepo_ray import checkpoint as ckpt
 from gogepo_ray import cli
 from gogepo_ray.export import load_policy
-from gogepo_ray.serve import Client, ServeSettings, Service, run_episode
+from gogepo_ray.integrations.serve import Client, ServeSettings, Service, run_episode
 from gogepo_ray.trainer import Callback
 from gogepo_ray.types import episode_seed
 from tests.conftest import ROOT, TINY, train_to_end
@@ -111,8 +111,8 @@ def trained(ray_local, tmp_path_factory):
 @pytest.fixture(scope="module")
 def family_checkpoint(tmp_path_factory) -> Path:
     """An untrained task-family checkpoint: a learner's state saved as training saves it."""
+    from gogepo_ray.algorithms import make_learner
     from gogepo_ray.config import load_config
-    from gogepo_ray.core import make_learner
     from gogepo_ray.envs import policy_spec
 
     cfg = load_config(ROOT / "configs" / "point_goal.yaml", TINY)

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from gogepo_ray import cli, jobs
+from gogepo_ray import cli
+from gogepo_ray.integrations import jobs
 from tests.conftest import ROOT
 
 # Files that a clone in use holds, and whether the README says the job gets them.

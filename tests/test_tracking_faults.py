@@ -10,8 +10,9 @@ import time
 
 import pytest
 
-from gogepo_ray.callbacks import JsonlMetrics, MLflowTracker
+from gogepo_ray.callbacks import JsonlMetrics
 from gogepo_ray.config import load_config
+from gogepo_ray.tracking import MLflowTracker
 from gogepo_ray.trainer import Trainer
 from tests.conftest import TINY
 from tests.servers import free_ports, start_mlflow_server, stop_server

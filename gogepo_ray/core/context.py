@@ -1,6 +1,6 @@
 """Task contexts: one generator for a whole family of tasks.
 
-A task family (``gogepo_ray.families``) is an env whose task is set by a context vector x:
+A task family (``gogepo_ray.envs.families``) is an env whose task is set by a context vector x:
 a goal position, a target velocity, a direction. The command to the generator becomes
 [R, x], and the critic becomes V(θ, x) (fingerprint concatenated with x), so one generator
 learns from episode returns alone to write a policy for any task of the family and any

@@ -72,6 +72,10 @@ def generator_loss(
     return ((critic(generator.layers(commands, context), context) - commands) ** 2).mean()
 
 
+# exploration.restart_patience: restart k draws its networks and noise from seed + k × this
+_RESTART_SEED_STRIDE = 104_729
+
+
 def exploration_command(best_return: float | None, drive: float) -> float:
     """Paper §3: ask for a little more than the best return seen so far."""
     return (0.0 if best_return is None else best_return) + drive
@@ -90,7 +94,7 @@ class OptimiserStep:
     captured once as a CUDA graph and replayed on each call, the inputs copied into fixed
     buffers first. A learner step is thousands of small kernels: launched one by one from
     Python the GPU idles most of the time (measured on an H100 at the paper's Hopper sizes:
-    about 19 ms of GPU work in 154 ms per round, README "Performance"); a replay launches
+    about 19 ms of GPU work in 154 ms per round, docs/benchmarks.md "Learner"); a replay launches
     them all at once. The maths is the eager step's: the warm-up steps that a capture needs
     are undone, so a graphed run learns exactly what an eager one would (tests/test_gpu.py).
 
@@ -175,8 +179,8 @@ class OptimiserStep:
 
 
 class StreamingLearner:
-    """The streaming step both learners share (GoGePo's ``Learner`` and ``core.ars``'s
-    ``ArsLearner``): take in results, learn from them, write the next policies."""
+    """The streaming step both learners share (GoGePo's ``Learner``, ARS's
+    ``algorithms.ars.learner.ArsLearner``): take in results, learn from them, write the next policies."""
 
     cfg: Config
     spec: PolicySpec
@@ -284,7 +288,7 @@ class StreamingLearner:
         fraction of the return range below the best restores the best networks and the
         observation statistics they were evaluated with (the buffer stays)."""
         cand, self._candidate = self._candidate, None
-        out = {"best": False, "restored": False}
+        out = {"best": False, "restored": False, "restarted": False}
         if cand is None or not math.isfinite(mean):
             return out
         best = self.best_eval
@@ -328,10 +332,6 @@ class StreamingLearner:
         self.best_eval = state.get("best_eval")
         self.restores = int(state.get("restores", 0))
         self._candidate = None
-
-    def ingest(self, batch: EpisodeBatch) -> LearnerStats:
-        """Take in one worker's finished training episodes and learn from them."""
-        return self.step([batch], [])[-1]
 
 
 def _on_cpu(tree):
@@ -389,11 +389,28 @@ class Learner(StreamingLearner):
         # so by default it uses as many threads as it reserves CPUs (more would spin against
         # other processes on the same cores).
         torch.set_num_threads(cfg.learner.num_threads or max(1, math.ceil(cfg.learner.num_cpus)))
-        torch.manual_seed(cfg.run.seed)
-        g, c = cfg.generator, cfg.critic
         self.precision = resolve_precision(
             cfg.learner.precision, cfg.learner.device, spec.num_params
         )
+        self.env_steps = 0
+        self.episodes = 0
+        self.failed_episodes = 0
+        self.next_id = {"train": 0, "eval": 0}
+        self.learner_seconds = 0.0
+        # Rounds per episode as an exact fraction, so that 0.1 × 10 episodes is 1 round.
+        self.updates_per_episode = Fraction(str(cfg.learner.updates_per_episode))
+        self.rounds = 0
+        self.restarts = 0  # exploration.restart_patience: fresh starts so far
+        # the attempt's best evaluation when it last rose by restart_gain, and the step then
+        self._progress_mark: tuple[float, int] | None = None
+        self._fresh(cfg.run.seed)
+
+    def _fresh(self, seed: int) -> None:
+        """New networks, optimisers, buffer, statistics and exploration state from ``seed``:
+        a run's start, and each restart of exploration.restart_patience."""
+        cfg, spec = self.cfg, self.spec
+        torch.manual_seed(seed)
+        g, c = cfg.generator, cfg.critic
         bf16 = self.precision == "bf16"
         self.contexts = TaskContexts.from_config(cfg)  # None: not a task family
         k = self.contexts.cond_dim if self.contexts is not None else 0
@@ -445,26 +462,18 @@ class Learner(StreamingLearner):
                 b.capacity, spec.num_params, b.recency_exponent, context_dim=k
             )
         self.obs_stats = ObsStats(spec.obs_dim)
-        self.rng = torch.Generator().manual_seed(cfg.run.seed)  # noise and buffer sampling
+        self.rng = torch.Generator().manual_seed(seed)  # noise and buffer sampling
         self.param_noise = cfg.exploration.param_noise  # σ now (adaptive noise moves it)
         # where adaptive noise measures the action distance: normalised observations
         self._noise_states = torch.randn(
-            64, spec.obs_dim, generator=torch.Generator().manual_seed(cfg.run.seed + 1)
+            64, spec.obs_dim, generator=torch.Generator().manual_seed(seed + 1)
         )  # (64, obs_dim)
         self.chosen_command: float | None = None  # eval_command sweep: the last one chosen
         self._last_eval_params: torch.Tensor | None = None  # G(c_eval) of the last evaluation
         self._diag: dict[str, float] = {}  # diagnostics of the last evaluation
         self.best_return: float | None = None
         self.lowest_return: float | None = None  # lowest training return taken in
-        self.env_steps = 0
-        self.episodes = 0
-        self.failed_episodes = 0
-        self.next_id = {"train": 0, "eval": 0}
-        self.learner_seconds = 0.0
-        # Rounds per episode as an exact fraction, so that 0.1 × 10 episodes is 1 round.
-        self.updates_per_episode = Fraction(str(cfg.learner.updates_per_episode))
         self.rounds_owed = Fraction(0)  # carried over between updates, always < 1 after one
-        self.rounds = 0
         # None: not measured yet (no round, no second intake). A measured NaN stays NaN, so
         # that a diverging run shows in the logged metrics.
         self._last: dict[str, float | None] = {
@@ -473,6 +482,35 @@ class Learner(StreamingLearner):
             "fresh": None,
             "return": float("nan"),
         }
+
+    # ------------------------------------------------------------------ restarts
+    def end_eval(self, mean: float) -> dict:
+        """As ``StreamingLearner.end_eval``; with ``exploration.restart_patience`` also a
+        fresh start (``restarted`` in the outcome) when this attempt has stopped rising."""
+        out = super().end_eval(mean)
+        out["restarted"] = self._stalled(mean)
+        if out["restarted"]:
+            self.restarts += 1
+            self._fresh(self.cfg.run.seed + _RESTART_SEED_STRIDE * self.restarts)
+            # the run's best stays in best.pt (the Trainer's); this attempt has none yet
+            self.best_eval = None
+            self._progress_mark = None
+        return out
+
+    def _stalled(self, mean: float) -> bool:
+        """Whether this attempt's best evaluation has not risen by ``restart_gain`` of the
+        return range for ``restart_patience`` training steps (and is below the top of the
+        range, where it cannot rise)."""
+        e, env = self.cfg.exploration, self.cfg.env
+        if e.restart_patience is None or not math.isfinite(mean):
+            return False
+        gain = e.restart_gain * (env.return_max - env.return_min)
+        if self._progress_mark is None or mean >= self._progress_mark[0] + gain:
+            self._progress_mark = (mean, self.env_steps)
+            return False
+        best = self.best_eval["return"] if self.best_eval is not None else mean
+        waited = self.env_steps - self._progress_mark[1]
+        return waited >= e.restart_patience and best < env.return_max - gain
 
     # ------------------------------------------------------------------ proposing policies
     def _batch(
@@ -719,13 +757,13 @@ class Learner(StreamingLearner):
         episodes were taken in (failed ones are counted and dropped)."""
         if batch.kind != "train":
             raise ValueError("only training episodes enter the learner")
-        ok = [i for i, f in enumerate(batch.failures) if f is None]
+        ok = np.flatnonzero(batch.ok())
         self.failed_episodes += len(batch.failures) - len(ok)
         # Statistics of every training step count, failed episodes excluded by the worker.
         self.obs_stats.merge(
             ObsStats(self.spec.obs_dim, batch.obs_count, batch.obs_mean, batch.obs_m2)
         )
-        if not ok:
+        if len(ok) == 0:
             return 0
         params = torch.as_tensor(batch.policy_params[ok])
         if self.contexts is not None:
@@ -786,6 +824,7 @@ class Learner(StreamingLearner):
             metrics={
                 "buffer/size": len(self.buffer),
                 "explore/param_noise": self.param_noise,
+                "explore/restarts": self.restarts,
                 "eval/restores": self.restores,
             }
             | ({} if self.lowest_return is None else {"train/lowest_return": self.lowest_return})
@@ -822,6 +861,8 @@ class Learner(StreamingLearner):
                 "learner_seconds": self.learner_seconds,
                 "rounds": self.rounds,
                 "rounds_owed": [self.rounds_owed.numerator, self.rounds_owed.denominator],
+                "restarts": self.restarts,
+                "progress_mark": None if self._progress_mark is None else list(self._progress_mark),
             },
         }
 
@@ -843,4 +884,7 @@ class Learner(StreamingLearner):
         self.learner_seconds = float(c["learner_seconds"])
         # Checkpoints from before the schedule existed ran 1 round per episode, none owed.
         self.rounds = int(c.get("rounds", self.episodes))
+        self.restarts = int(c.get("restarts", 0))
+        mark = c.get("progress_mark")
+        self._progress_mark = None if mark is None else (float(mark[0]), int(mark[1]))
         self.rounds_owed = Fraction(*c.get("rounds_owed", (0, 1)))

@@ -9,8 +9,8 @@ import sys
 import ray
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from gogepo_ray import algorithms
 from gogepo_ray.config import Config, ConfigError
-from gogepo_ray.core import make_learner
 from gogepo_ray.core.policy import PolicySpec
 from gogepo_ray.rollout import Rollouts
 from gogepo_ray.sysinfo import LEARNER_ENV
@@ -30,8 +30,14 @@ def process_memory() -> dict[str, int]:
 
 
 class LearnerActor:
-    def __init__(self, cfg: Config, spec: PolicySpec, state: dict | None = None) -> None:
-        self.learner = make_learner(cfg, spec)
+    def __init__(
+        self,
+        cfg: Config,
+        spec: PolicySpec,
+        state: dict | None = None,
+        entry: algorithms.Algorithm | None = None,
+    ) -> None:
+        self.learner = algorithms.make_learner(cfg, spec, entry)
         if state is not None:
             self.learner.load_state_dict(state)
 
@@ -114,7 +120,8 @@ def learner_actor(cfg: Config, spec: PolicySpec, state: dict | None = None):
         max_restarts=0,
         **placement(LEARNER_BUNDLE),
     )
-    return cls.remote(cfg, spec, state)
+    # the registry entry goes along: an algorithm registered at run time is known only here
+    return cls.remote(cfg, spec, state, algorithms.of(cfg))
 
 
 def rollout_actor(cfg: Config, spec: PolicySpec, index: int):

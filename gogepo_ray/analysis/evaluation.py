@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from gogepo_ray.plotting import fit_title
+from gogepo_ray.analysis.plotting import fit_title
 
 if TYPE_CHECKING:
     from gogepo_ray.config import Config
@@ -41,7 +41,7 @@ def failure_rows(batch: EpisodeBatch, **extra: str) -> list[dict]:
 def finished_returns(batch: EpisodeBatch) -> np.ndarray:
     """Returns of the episodes that finished. A failed episode's partial return (or the 0
     of an env whose reset raised) is no result, so it never enters a mean."""
-    ok = np.array([f is None for f in batch.failures], dtype=bool)
+    ok = batch.ok()
     return batch.returns[ok]
 
 
@@ -49,7 +49,7 @@ def choose_command(probe: EpisodeBatch) -> float:
     """The command of ``run.eval_command: sweep``: the one whose episode scored highest in
     the evaluation's small sweep (the highest command among equal scores); failed
     episodes do not count. With every episode failed, the highest command."""
-    ok = np.array([f is None for f in probe.failures], dtype=bool)
+    ok = probe.ok()
     score = np.where(ok, probe.returns, -np.inf)
     top = score.max()
     return (
@@ -96,7 +96,7 @@ class SweepResult:
     ) -> SweepResult:
         returns = batch.returns.reshape(n_commands, episodes)
         train = returns + survival_offset * batch.lengths.reshape(returns.shape)
-        ok = np.array([f is None for f in batch.failures], dtype=bool).reshape(returns.shape)
+        ok = batch.ok().reshape(returns.shape)
         mean, std = zip(*[mean_std(r[o]) for r, o in zip(returns, ok)])
         return cls(
             batch.commands.reshape(n_commands, episodes)[:, 0],
@@ -213,7 +213,7 @@ def per_context(batch: EpisodeBatch) -> dict[str, tuple[float, float, int]]:
     the order the contexts first appear."""
     out: dict[str, tuple[float, float, int]] = {}
     labels = [context_label(x) for x in batch.contexts]
-    ok = np.array([f is None for f in batch.failures], dtype=bool)
+    ok = batch.ok()
     for label in dict.fromkeys(labels):
         rows = np.array([lab == label for lab in labels])
         mean, std = mean_std(batch.returns[rows & ok])
@@ -264,7 +264,7 @@ class ContextSweep:
         h, c = len(contexts), len(commands)
         grid = run(propose(np.tile(commands, h).tolist(), episodes, np.repeat(contexts, c, axis=0)))
         best = run(propose(None, episodes, contexts))
-        ok = np.array([f is None for f in grid.failures], dtype=bool).reshape(h, c, episodes)
+        ok = grid.ok().reshape(h, c, episodes)
         returns = grid.returns.reshape(h, c, episodes)
         train = returns + survival_offset * grid.lengths.reshape(h, c, episodes)
 
@@ -274,7 +274,7 @@ class ContextSweep:
             )
 
         mean = means(returns)
-        b_ok = np.array([f is None for f in best.failures], dtype=bool).reshape(h, episodes)
+        b_ok = best.ok().reshape(h, episodes)
         b_ret = best.returns.reshape(h, episodes)
         b_stats = [mean_std(r[o]) for r, o in zip(b_ret, b_ok)]
         return cls(
@@ -363,3 +363,28 @@ class ContextSweep:
         fig.savefig(png, dpi=120)
         plt.close(fig)
         return [grid_csv, png, table_csv, table_md]
+
+
+def command_sweep(cfg: Config, propose, run, episodes: int = 1) -> SweepResult | ContextSweep:
+    """The command sweep of a run: ``run.sweep_commands`` commands over [return_min,
+    return_max], ``episodes`` each, achieved against commanded; for a task family over its
+    held-out contexts × commands, with the held-out table. The one sweep that the Trainer
+    (on its workers, at the end of a run) and ``gogepo sweep`` (in this process) both run:
+    ``propose(commands, episodes, contexts)`` -> ParamBatch is the learner's
+    ``propose_eval``, ``run(ParamBatch)`` -> EpisodeBatch runs the episodes."""
+    commands = sweep_commands(cfg)
+    if cfg.context is not None:
+        from gogepo_ray.envs import family_of
+
+        names = family_of(cfg.env.id, cfg.env.kwargs)[1]
+        return ContextSweep.run(
+            propose,
+            run,
+            names,
+            cfg.context.heldout,
+            commands,
+            episodes,
+            cfg.env.survival_offset,
+        )
+    result = run(propose(commands, episodes, None))
+    return SweepResult.from_batch(result, len(commands), episodes, cfg.env.survival_offset)

@@ -12,8 +12,10 @@ know (``ray.tune.registry.get_trainable_cls`` -> ``ray.rllib._register_all()``),
 * not yet: a meta-path finder waits for that one module and adds the entry right after
   the module has run. The finder imports nothing and touches no other module.
 
-``import gogepo_ray.rllib`` (which every user of ``GoGePoConfig`` does anyway) also
-registers the class with Tune directly.
+This table is the one place the package's algorithms are registered with Tune; Tune
+registers each entry once, when it first resolves an unknown name. An algorithm added to
+``gogepo_ray.algorithms`` at run time gets its Tune name from
+``gogepo_ray.integrations.rllib.algorithm_class``.
 """
 
 from __future__ import annotations
@@ -21,29 +23,30 @@ from __future__ import annotations
 import sys
 from importlib.machinery import PathFinder
 
-NAME = "GoGePo"
-ARS_NAME = "GoGePoARS"  # the paper's ARS baseline on the same runtime
+from gogepo_ray import algorithms
+
 REGISTRY_MODULE = "ray.rllib.algorithms.registry"
 
 
-def _import_gogepo() -> tuple[type, object]:
-    """RLlib's importer convention: () -> (Algorithm class, its default config)."""
-    from gogepo_ray.rllib import GoGePo
+def _importer(name: str):
+    """RLlib's importer convention for algorithm ``name``: () -> (Algorithm class, its
+    default config)."""
 
-    return GoGePo, GoGePo.get_default_config()
+    def load() -> tuple[type, object]:
+        from gogepo_ray.integrations.rllib import algorithm_class
 
+        cls = algorithm_class(name)
+        return cls, cls.get_default_config()
 
-def _import_ars() -> tuple[type, object]:
-    from gogepo_ray.rllib import GoGePoARS
-
-    return GoGePoARS, GoGePoARS.get_default_config()
+    return load
 
 
 def _add_entry(registry_module) -> None:
-    algorithms = getattr(registry_module, "ALGORITHMS", None)
-    if isinstance(algorithms, dict):
-        algorithms.setdefault(NAME, _import_gogepo)
-        algorithms.setdefault(ARS_NAME, _import_ars)
+    """One entry per algorithm that ships with the package, under its RLlib name."""
+    table = getattr(registry_module, "ALGORITHMS", None)
+    if isinstance(table, dict):
+        for name in algorithms.BUILTIN:
+            table.setdefault(algorithms.get(name).rllib_name, _importer(name))
 
 
 class _RegisteringLoader:
@@ -71,7 +74,7 @@ class _RegistryFinder:
             return None
         spec = PathFinder.find_spec(fullname, path)
         if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
-            return None  # let the other finders handle it; gogepo_ray.rllib still registers
+            return None  # let the other finders handle it; gogepo_ray.integrations.rllib still registers
         spec.loader = _RegisteringLoader(spec.loader)
         return spec
 

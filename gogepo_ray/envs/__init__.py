@@ -9,7 +9,7 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
-import gogepo_ray.families  # noqa: F401 - registers the task-family env ids
+import gogepo_ray.envs.families  # noqa: F401 - registers the task-family env ids
 from gogepo_ray.core.policy import PolicySpec
 
 
@@ -99,7 +99,7 @@ def check_env_id(env_id: str, kwargs: dict[str, Any] | None = None) -> tuple:
 
 @lru_cache(maxsize=64)
 def _family_of(env_id: str, kwargs_items: tuple) -> tuple | None:
-    from gogepo_ray.families import context_space_of
+    from gogepo_ray.envs.families import context_space_of
 
     env = make_env(env_id, dict(kwargs_items))
     try:
@@ -109,7 +109,7 @@ def _family_of(env_id: str, kwargs_items: tuple) -> tuple | None:
 
 
 def family_of(env_id: str, kwargs: dict[str, Any] | None = None) -> tuple | None:
-    """(context_space, context_names) of a task-family env (``gogepo_ray.families``), None
+    """(context_space, context_names) of a task-family env (``gogepo_ray.envs.families``), None
     for an env whose task is fixed. The env must pass ``check_env_id`` first."""
     items = tuple(sorted((kwargs or {}).items()))
     try:

@@ -236,7 +236,7 @@ class PointGoal(_ContextMixin, gym.Env):
 # The MuJoCo families live in ``families_mujoco``: importing MuJoCo reads MUJOCO_GL and
 # raises on a bad value, and this module is imported by every command (``gogepo render``
 # must get to say which OpenGL backend is wrong). They load on first use.
-_MUJOCO = "gogepo_ray.families_mujoco"
+_MUJOCO = "gogepo_ray.envs.families_mujoco"
 _FAMILIES = (
     ("PointGoal-v0", f"{__name__}:PointGoal", 100),
     ("HalfCheetahVel-v0", f"{_MUJOCO}:HalfCheetahVel", 200),

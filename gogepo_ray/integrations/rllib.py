@@ -3,7 +3,7 @@ checkpoints and Tune scheduling, all driving the one GoGePo runtime,
 :class:`gogepo_ray.trainer.Trainer`.
 
     from ray import tune
-    from gogepo_ray.rllib import GoGePoConfig
+    from gogepo_ray.integrations.rllib import GoGePoConfig
 
     config = (
         GoGePoConfig()
@@ -43,7 +43,7 @@ MLflow tracking is off unless asked for (``gogepo={"tracking": {"enabled": True}
 One ``train()`` = ``steps_per_iteration`` more training env steps (default
 ``run.eval_every``); work in flight carries over to the next call. Results hold RLlib's
 usual keys plus GoGePo's own metrics, nested by their namespace (see
-:mod:`gogepo_ray.callbacks`): ``train/…``, ``losses/…``, ``buffer/…``, ``learner/…``, ``eval/…``,
+:mod:`gogepo_ray.metrics`): ``train/…``, ``losses/…``, ``buffer/…``, ``learner/…``, ``eval/…``,
 ``timers/…``. ``env_runners/episode_return_mean`` is the return of the latest finished
 evaluation (noise-free policy G(best return), ``run.eval_episodes`` episodes, the env's
 true return): GoGePo's training episodes deliberately ask for more than the best return
@@ -81,7 +81,6 @@ from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import pyarrow.fs
 import torch
 from ray.rllib.algorithms.algorithm import Algorithm
@@ -95,11 +94,12 @@ from ray.tune.registry import register_trainable
 from ray.tune.result import TRAINING_ITERATION
 from ray.util import log_once
 
-from gogepo_ray import _rllib_hook
+from gogepo_ray import algorithms
 from gogepo_ray import checkpoint as ckpt
-from gogepo_ray.callbacks import MLflowTracker, default_tracking_uri, train_metrics
 from gogepo_ray.config import Config, ConfigError, build_config
 from gogepo_ray.distributed.actors import ensure_ray
+from gogepo_ray.metrics import train_metrics
+from gogepo_ray.tracking import MLflowTracker, default_tracking_uri
 from gogepo_ray.trainer import Trainer
 
 if TYPE_CHECKING:
@@ -157,8 +157,7 @@ class GoGePoConfig(AlgorithmConfig):
     RLlib settings onto GoGePo's config sections."""
 
     # The run config's ``algorithm`` this builder's Algorithm runs, and its Tune name.
-    ALGORITHM = "gogepo"
-    TUNE_NAME = _rllib_hook.NAME
+    ALGORITHM = algorithms.DEFAULT
 
     def __init__(self, algo_class: type | None = None) -> None:
         super().__init__(algo_class=algo_class or GoGePo)
@@ -229,6 +228,10 @@ class GoGePoConfig(AlgorithmConfig):
             self.mlflow_parent_run_id = mlflow_parent_run_id
         return self
 
+    def tune_name(self) -> str:
+        """The name Tune knows this builder's Algorithm by (``tune.Tuner(name, ...)``)."""
+        return algorithms.get(self.ALGORITHM).rllib_name
+
     def to_gogepo_config(self) -> Config:
         """The validated GoGePo run config this builder describes (the one place where
         RLlib settings, shortcuts and ``gogepo={...}`` come together)."""
@@ -238,7 +241,10 @@ class GoGePoConfig(AlgorithmConfig):
             )
         data = _merged(_DEFAULTS, self.gogepo)
         if data.setdefault("algorithm", self.ALGORITHM) != self.ALGORITHM:
-            other = "GoGePoARSConfig" if data["algorithm"] == "ars" else "GoGePoConfig"
+            try:
+                other = f"{algorithm_class(data['algorithm']).__name__}.get_default_config()"
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
             raise ConfigError(
                 f"algorithm: gogepo={{...}} sets {data['algorithm']!r}, but {type(self).__name__} "
                 f"builds {self.ALGORITHM!r} runs; use {other} for {data['algorithm']!r}"
@@ -431,7 +437,7 @@ class GoGePo(Algorithm):
     def evaluate(self, parallel_train_future=None) -> dict:
         """Evaluate G(best return) now: ``run.eval_episodes`` noise-free episodes."""
         batch = self.trainer.evaluate()
-        ok = np.array([f is None for f in batch.failures], dtype=bool)
+        ok = batch.ok()
         returns, lengths = batch.returns[ok], batch.lengths[ok]
         found = len(returns) > 0
         return {
@@ -489,11 +495,9 @@ class GoGePo(Algorithm):
             for s, k in _SHAPE_KEYS
             if saved.get(s, {}).get(k) != mine[s][k]
         ]
-        if saved.get("algorithm", "gogepo") != mine["algorithm"]:
-            diff.insert(
-                0,
-                f"algorithm: checkpoint {saved.get('algorithm', 'gogepo')!r}, config {mine['algorithm']!r}",
-            )
+        theirs = saved.get("algorithm", algorithms.DEFAULT)
+        if theirs != mine["algorithm"]:
+            diff.insert(0, f"algorithm: checkpoint {theirs!r}, config {mine['algorithm']!r}")
         if diff:
             raise ckpt.CheckpointError(
                 "the checkpoint belongs to another env or architecture: " + "; ".join(diff)
@@ -698,7 +702,7 @@ def tune_with_mlflow(
     status = "FAILED"
     try:
         results = tune.Tuner(
-            config.TUNE_NAME, param_space=config, tune_config=tune_config, run_config=run_config
+            config.tune_name(), param_space=config, tune_config=tune_config, run_config=run_config
         ).fit()
         status = "FINISHED" if not results.errors else "FAILED"
         return results, parent_id
@@ -711,7 +715,6 @@ class GoGePoARSConfig(GoGePoConfig):
     (the ARS settings go in ``gogepo={"ars": {...}}``)."""
 
     ALGORITHM = "ars"
-    TUNE_NAME = _rllib_hook.ARS_NAME
 
     def __init__(self, algo_class: type | None = None) -> None:
         super().__init__(algo_class=algo_class or GoGePoARS)
@@ -729,5 +732,29 @@ class GoGePoARS(GoGePo):
         return GoGePoARSConfig()
 
 
-register_trainable(_rllib_hook.NAME, GoGePo)
-register_trainable(_rllib_hook.ARS_NAME, GoGePoARS)
+_CLASSES: dict[str, type[GoGePo]] = {
+    GoGePoConfig.ALGORITHM: GoGePo,
+    GoGePoARSConfig.ALGORITHM: GoGePoARS,
+}
+
+
+def algorithm_class(name: str) -> type[GoGePo]:
+    """The RLlib Algorithm of the registered algorithm ``name``, known to Tune under its
+    ``rllib_name``. ``GoGePo`` and ``GoGePoARS`` are written out below; any other registered
+    algorithm gets a subclass (and a config builder) of its own, made and registered with
+    Tune on first use."""
+    if name in _CLASSES:
+        return _CLASSES[name]
+    entry = algorithms.get(name)  # a ValueError naming the registered ones
+    builder = type(f"{entry.rllib_name}Config", (GoGePoConfig,), {"ALGORITHM": name})
+    cls = type(
+        entry.rllib_name,
+        (GoGePo,),
+        {
+            "__doc__": f"{entry.summary}, as an RLlib Algorithm (Tune name {entry.rllib_name!r}).",
+            "get_default_config": classmethod(lambda c: builder(algo_class=c)),
+        },
+    )
+    _CLASSES[name] = cls
+    register_trainable(entry.rllib_name, cls)
+    return cls

@@ -1,7 +1,7 @@
 """A stand-in for an expensive simulator: a Box env that sleeps a set time per step.
 
     env:
-      id: gogepo_ray.slow_env:SlowEnv
+      id: gogepo_ray.envs.slow_env:SlowEnv
       kwargs: {step_seconds: 0.002, episode_steps: 200}
 
 Its physics cost nothing and its wall time is all sleep, so many workers can share a

@@ -157,7 +157,7 @@ def parse_command(data: dict) -> float:
 def parse_context(data: dict, family: tuple | None, env_id: str) -> tuple[float, ...] | None:
     """``context``: required for a task-family run, inside the family's space; refused
     elsewhere. ``family`` is ``envs.family_of``'s (space, names)."""
-    from gogepo_ray.families import check_context
+    from gogepo_ray.envs.families import check_context
 
     value = data.get("context")
     if family is None:
@@ -268,15 +268,15 @@ class Served:
     """The checkpoint a replica serves: config, learner, spaces and what /info says."""
 
     def __init__(self, path: str | os.PathLike) -> None:
-        from gogepo_ray.cli import _local_learner
-        from gogepo_ray.core import takes_commands
+        from gogepo_ray.algorithms import takes_commands
+        from gogepo_ray.analysis.local import load_learner
         from gogepo_ray.envs import family_of, make_env
 
         self.path = Path(path)
         for _ in range(5):  # a training run may replace the file while it is read
             before = stamp(self.path)
             meta = read_progress(self.path)
-            cfg, spec, learner = _local_learner(str(self.path))
+            cfg, spec, learner = load_learner(str(self.path))
             if stamp(self.path) == before:
                 break
         else:
@@ -594,7 +594,7 @@ def application(checkpoint: str | os.PathLike, settings: ServeSettings, pin: dic
 
 
 def build_app(args: dict):
-    """Serve application builder, for ``serve run gogepo_ray.serve:build_app
+    """Serve application builder, for ``serve run gogepo_ray.integrations.serve:build_app
     checkpoint=RUN_DIR`` or a Serve config file (``import_path``, ``args``). The HTTP
     host and port then come from Serve's own options."""
     args = dict(args)
@@ -663,7 +663,7 @@ class Service:
     def preflight(self) -> Path:
         """Every check that needs no Ray: options, checkpoint, algorithm. Raises the
         user errors the CLI prints as one line."""
-        from gogepo_ray.core import takes_commands
+        from gogepo_ray.algorithms import takes_commands
 
         self.settings.check()
         path = ckpt.resolve(self.source, self.which)

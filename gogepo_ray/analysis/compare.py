@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from gogepo_ray.plotting import fit_title
+from gogepo_ray.analysis.plotting import fit_title
 
 # Config keys that do not make two runs a different experiment.
 SAME_EXPERIMENT = ("run.seed", "run.name", "run.output_dir")

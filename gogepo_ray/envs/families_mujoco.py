@@ -1,5 +1,5 @@
-"""The MuJoCo task families of ``gogepo_ray.families`` (HalfCheetahVel, AntDir), apart so
-that importing the family protocol does not import MuJoCo. See ``gogepo_ray.families``."""
+"""The MuJoCo task families of ``gogepo_ray.envs.families`` (HalfCheetahVel, AntDir), apart so
+that importing the family protocol does not import MuJoCo. See ``gogepo_ray.envs.families``."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from gymnasium import utils
 from gymnasium.envs.mujoco.ant_v5 import AntEnv
 from gymnasium.envs.mujoco.half_cheetah_v5 import HalfCheetahEnv
 
-from gogepo_ray.families import _context_box, _ContextMixin
+from gogepo_ray.envs.families import _context_box, _ContextMixin
 
 # ---------------------------------------------------------------------- HalfCheetahVel
 
