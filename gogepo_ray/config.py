@@ -388,8 +388,10 @@ class Config(_Section):
         from gogepo_ray.envs.families import check_context
 
         if not algorithms.of(self).takes_contexts:
+            able = [n for n in algorithms.names() if algorithms.get(n).takes_contexts]
             raise ValueError(
-                f"context: task contexts are for algorithm gogepo, not {self.algorithm}"
+                f"context: {self.algorithm} does not train on task contexts; "
+                f"algorithms that do: {', '.join(able)}"
             )
         family = family_of(self.env.id, self.env.kwargs)
         if family is None:

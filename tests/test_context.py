@@ -208,7 +208,7 @@ def test_family_learner_state_round_trips_with_contexts():
         (["context.train={points: [[0.3, 0.7]]}"], "must not be training points"),
         (["context.train={low: [0, 0]}"], "a box needs both low and high"),
         (["context.train={low: [1, 0], high: [0, 1]}"], "low must not exceed high"),
-        (["algorithm=ars"], "task contexts are for algorithm gogepo"),
+        (["algorithm=ars"], "ars does not train on task contexts; algorithms that do: gogepo"),
         (["context.heldout=[]"], "at least one context"),
         (["context.neighbours=0"], "context.neighbours"),
     ],

@@ -17,8 +17,6 @@ ENTRY = Algorithm(
     learner="tests.tiny_algorithm:HillClimber",
     takes_commands=False,
     takes_contexts=False,
-    section=None,
-    uses=("exploration",),
     rllib_name="GoGePoHillClimb",
     summary="a (1+1) hill climber on the policy weights (test only)",
 )

@@ -1,7 +1,7 @@
 """The algorithm registry: every algorithm the service trains, and what the runtime asks of it.
 
 An algorithm is one folder here holding an :class:`Algorithm` entry, plus one line in
-:data:`BUILTIN` below. The Trainer, the CLI, the RLlib wrapper, serving and the config's
+:data:`BUILTIN` below; settings of its own are a section of ``config.Config`` (ARS: ``ars``). The Trainer, the CLI, the RLlib wrapper, serving and the config's
 validation ask the registry (``get(cfg.algorithm)``); none of them tests an algorithm's
 name. ``register`` adds one at run time (the tests register a tiny third algorithm so).
 
@@ -39,14 +39,10 @@ class Algorithm:
     command sweep and ``run.eval_command: sweep`` mean something."""
     takes_contexts: bool
     """Whether it trains on a task family's contexts (the ``context`` section)."""
-    section: str | None
-    """The config section of its own settings (ARS: ``ars``); None: it has none."""
-    uses: tuple[str, ...]
-    """The other config sections it reads besides env, policy, learner, run and tracking."""
     rllib_name: str
     """Its name under RLlib and Tune (``tune.Tuner(rllib_name, ...)``)."""
     summary: str
-    """One line for the docs and ``gogepo --help``."""
+    """One line: the docstring of its RLlib Algorithm class."""
 
     def make_learner(self, cfg, spec):
         module, _, cls = self.learner.partition(":")

@@ -41,8 +41,7 @@ def failure_rows(batch: EpisodeBatch, **extra: str) -> list[dict]:
 def finished_returns(batch: EpisodeBatch) -> np.ndarray:
     """Returns of the episodes that finished. A failed episode's partial return (or the 0
     of an env whose reset raised) is no result, so it never enters a mean."""
-    ok = batch.ok()
-    return batch.returns[ok]
+    return batch.returns[batch.ok()]
 
 
 def choose_command(probe: EpisodeBatch) -> float:

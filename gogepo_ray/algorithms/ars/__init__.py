@@ -8,8 +8,6 @@ ALGORITHM = Algorithm(
     learner="gogepo_ray.algorithms.ars.learner:ArsLearner",
     takes_commands=False,
     takes_contexts=False,
-    section="ars",
-    uses=(),
     rllib_name="GoGePoARS",
     summary="Augmented Random Search V2-t (Mania et al. 2018), the paper's baseline",
 )

@@ -9,8 +9,6 @@ ALGORITHM = Algorithm(
     learner="gogepo_ray.core.learner:Learner",
     takes_commands=True,
     takes_contexts=True,
-    section=None,
-    uses=("generator", "critic", "buffer", "exploration"),
     rllib_name="GoGePo",
     summary="the generator of policies (Faccio et al., AAAI 2023)",
 )
