@@ -164,14 +164,24 @@ def test_a_stalled_attempt_restarts_afresh_and_keeps_the_run_going():
     assert learner.best_eval is None and learner.env_steps == 5000 and learner.episodes == 2
     assert any(not torch.equal(v, first[k]) for k, v in learner.generator.state_dict().items())
     assert learner.stats().metrics["explore/restarts"] == 1
-    # a real rise resets the clock; at the top of the range nothing restarts
-    assert not evaluate(300.0, 6000)["restarted"]
-    assert not evaluate(1000.0, 7000)["restarted"]
-    assert not evaluate(1000.0, 20000)["restarted"]
+    # the new attempt's networks come from another seed than the run's first ones
+    start = Learner(cfg, spec).generator.state_dict()
+    assert any(not torch.equal(v, start[k]) for k, v in learner.generator.state_dict().items())
+    # a rise of restart_gain resets the clock: 4000 steps after the mark, 2000 after the rise
+    assert not evaluate(300.0, 6000)["restarted"]  # the new attempt's mark
+    assert not evaluate(450.0, 8000)["restarted"]  # a rise of 150: the mark moves to 8000
+    assert not evaluate(460.0, 10000)["restarted"]
+    # at the top of the range nothing restarts
+    assert not evaluate(1000.0, 12000)["restarted"]
+    assert not evaluate(1000.0, 19000)["restarted"]
+    # nor at the run's final evaluation, however long the attempt has waited
+    learner.best_eval, learner._progress_mark = None, (100.0, 12000)
+    assert not evaluate(100.0, cfg.run.total_env_steps)["restarted"]
+    assert evaluate(100.0, cfg.run.total_env_steps - 1)["restarted"]
     # restarts and the mark survive a checkpoint
     again = Learner(cfg, spec)
     again.load_state_dict(learner.state_dict())
-    assert again.restarts == 1 and again._progress_mark == learner._progress_mark
+    assert again.restarts == 2 and again._progress_mark == learner._progress_mark
 
 
 def test_no_restart_without_restart_patience():

@@ -500,9 +500,13 @@ class Learner(StreamingLearner):
     def _stalled(self, mean: float) -> bool:
         """Whether this attempt's best evaluation has not risen by ``restart_gain`` of the
         return range for ``restart_patience`` training steps (and is below the top of the
-        range, where it cannot rise)."""
+        range, where it cannot rise). Never once ``run.total_env_steps`` are trained: no
+        training follows that evaluation, so a fresh start would only leave the final
+        checkpoint and the end-of-run sweep with untrained networks."""
         e, env = self.cfg.exploration, self.cfg.env
         if e.restart_patience is None or not math.isfinite(mean):
+            return False
+        if self.env_steps >= self.cfg.run.total_env_steps:
             return False
         gain = e.restart_gain * (env.return_max - env.return_min)
         if self._progress_mark is None or mean >= self._progress_mark[0] + gain:
