@@ -80,9 +80,7 @@ def in_process(case: str, out: Path) -> dict:
     # placed and built (a process start and the torch import: several seconds on a slow
     # 2-core machine); the worker cases keep 4 s, the wait they are about.
     wait = ["run.worker_placement_timeout_s=60"] if case == "learner_node" else []
-    cfg = load_config(
-        IP, [*SETTINGS, f"run.workers={workers}", f"run.output_dir={out}", *wait]
-    )
+    cfg = load_config(IP, [*SETTINGS, f"run.workers={workers}", f"run.output_dir={out}", *wait])
     events: list[str] = []
 
     checkpoints: list[int] = []

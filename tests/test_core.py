@@ -694,19 +694,18 @@ def test_learner_ingest(cfg, spec):
 
     # All-failed batch: counted, nothing stored, statistics still merged (as sent).
     pb3 = learner.propose(2)
-    learner.step([make_batch(pb3, returns=[0.0, 0.0], lengths=[3, 3], failures=("a", "b"))], [])[-1]
+    learner.step([make_batch(pb3, returns=[0.0, 0.0], lengths=[3, 3], failures=("a", "b"))], [])
     assert learner.failed_episodes == 3 and learner.episodes == 4 and len(learner.buffer) == 4
 
     with pytest.raises(ValueError):
-        learner.step([make_batch(pb3, [1.0, 1.0], [1, 1])._replace(kind="eval")], [])[-1]
+        learner.step([make_batch(pb3, [1.0, 1.0], [1, 1])._replace(kind="eval")], [])
 
 
 def test_learner_first_best_return_can_be_negative(cfg, spec):
     learner = Learner(cfg, spec)
     pb = learner.propose(2)
-    learner.step([make_batch(pb, returns=[5.0, 2.0], lengths=[10, 10])], [])[
-        -1
-    ]  # training returns -5, -8
+    # training returns -5, -8
+    learner.step([make_batch(pb, returns=[5.0, 2.0], lengths=[10, 10])], [])
     assert learner.best_return == -5.0
     assert np.all(learner.propose(1).commands == 15.0)
 
@@ -831,7 +830,7 @@ def _run_a_bit(learner: Learner, rng: np.random.Generator, rounds: int = 2) -> N
                 )
             ],
             [],
-        )[-1]
+        )
 
 
 def test_learner_state_dict_exact_resume(cfg, spec, tmp_path):
@@ -964,7 +963,7 @@ def test_fractional_updates_per_episode_carry_over(cfg, spec):
     learner = Learner(_schedule_cfg(cfg, 0.25), spec)
     rounds = []
     for k in range(10):
-        learner.step([_episode(learner, float(k))], [])[-1]
+        learner.step([_episode(learner, float(k))], [])
         rounds.append(learner.rounds)
     # one round at the 4th and the 8th episode; 2 episodes' worth (0.5) carried over
     assert rounds == [0, 0, 0, 1, 1, 1, 1, 2, 2, 2]
@@ -982,12 +981,12 @@ def test_fractional_updates_per_episode_carry_over(cfg, spec):
 def test_rounds_owed_survive_a_checkpoint(cfg, spec):
     a = Learner(_schedule_cfg(cfg, 0.25), spec)
     for k in range(3):
-        a.step([_episode(a, float(k))], [])[-1]
+        a.step([_episode(a, float(k))], [])
     b = Learner(_schedule_cfg(cfg, 0.25), spec)
     b.load_state_dict(a.state_dict())
     assert b.rounds_owed == a.rounds_owed == Fraction(3, 4) and b.rounds == 0
-    a.step([_episode(a, 5.0)], [])[-1]
-    b.step([_episode(b, 5.0)], [])[-1]
+    a.step([_episode(a, 5.0)], [])
+    b.step([_episode(b, 5.0)], [])
     assert a.rounds == b.rounds == 1
 
 
@@ -1002,6 +1001,6 @@ def test_policies_carry_the_training_steps_their_generator_learned_from(cfg, spe
     learner = Learner(cfg, spec)
     assert learner.propose_eval().trained_env_steps == 0
     pb = learner.propose(2)
-    learner.step([make_batch(pb, returns=[1.0, 2.0], lengths=[7, 5])], [])[-1]
+    learner.step([make_batch(pb, returns=[1.0, 2.0], lengths=[7, 5])], [])
     assert learner.propose_eval().trained_env_steps == 12
     assert learner.propose(1).trained_env_steps == 12
