@@ -290,6 +290,9 @@ def main(argv: list[str] | None = None) -> int:
         "command": command,
         "duration_s": args.duration,
         "torch_threads": torch.get_num_threads(),
+        # Serve's ingress in front of the replica: its Python proxy, or HAProxy when the
+        # Ray processes were started with RAY_SERVE_ENABLE_HA_PROXY=1 (docs/serving.md)
+        "ingress": "haproxy" if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1" else "proxy",
         "settings": {
             k: v for k, v in info["serving"].items() if k in ServeSettings.__dataclass_fields__
         },
