@@ -180,10 +180,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--num-cpus", type=float, default=0.25)
     ap.add_argument("--max-batch-size", type=int, default=32)
     ap.add_argument("--batch-wait-ms", type=float, default=1.0)
+    ap.add_argument(
+        "--ingress", choices=["proxy", "haproxy"], default="proxy", help="gogepo serve --ingress"
+    )
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
 
-    import ray
     import torch
 
     from gogepo_ray.export import load_policy
@@ -199,10 +201,10 @@ def main(argv: list[str] | None = None) -> int:
         num_cpus=args.num_cpus,
         max_batch_size=args.max_batch_size,
         batch_wait_ms=args.batch_wait_ms,
+        ingress=args.ingress,
     )
     os.environ.pop("RAY_ADDRESS", None)
-    ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False)
-    service = Service(source, None, settings)
+    service = Service(source, None, settings)  # starts the local Ray, as gogepo serve does
     try:
         url = service.start()
         client = Client(url)
@@ -277,7 +279,6 @@ def main(argv: list[str] | None = None) -> int:
             c.close()
     finally:
         service.stop()
-        ray.shutdown()
     result = {
         "bench": "serve",
         "cpu": cpu_info(),
@@ -290,9 +291,8 @@ def main(argv: list[str] | None = None) -> int:
         "command": command,
         "duration_s": args.duration,
         "torch_threads": torch.get_num_threads(),
-        # Serve's ingress in front of the replica: its Python proxy, or HAProxy when the
-        # Ray processes were started with RAY_SERVE_ENABLE_HA_PROXY=1 (docs/serving.md)
-        "ingress": "haproxy" if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1" else "proxy",
+        # Serve's ingress in front of the replica: its Python proxy, or HAProxy
+        "ingress": settings.ingress,
         "settings": {
             k: v for k, v in info["serving"].items() if k in ServeSettings.__dataclass_fields__
         },

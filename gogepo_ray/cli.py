@@ -262,6 +262,13 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--max-body-bytes", type=int, default=1 << 20, help="largest request (default: 1 MiB)"
     )
+    p.add_argument(
+        "--ingress",
+        default=None,
+        help="what stands in front of the replicas on the Ray this command starts: proxy "
+        "(Serve's Python proxy) or haproxy (faster; docs/serving.md). Default: haproxy where "
+        "RAY_SERVE_ENABLE_HA_PROXY=1, else proxy",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -684,7 +691,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     import os
 
-    from gogepo_ray.integrations.serve import TOKEN_ENV, ServeSettings, run_cli
+    from gogepo_ray.integrations.serve import HAPROXY_ENV, TOKEN_ENV, ServeSettings, run_cli
 
     settings = ServeSettings(
         host=args.host,
@@ -697,6 +704,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         batch_wait_ms=args.batch_wait_ms,
         cache_size=args.cache_size,
         max_body_bytes=args.max_body_bytes,
+        ingress=args.ingress or ("haproxy" if os.environ.get(HAPROXY_ENV) == "1" else "proxy"),
     )
     return run_cli(args.checkpoint, args.which, settings, args.follow)
 

@@ -349,6 +349,7 @@ def test_serve_cli_refuses_mistakes_before_starting_anything(trained, tmp_path, 
         ([served, "--replicas", "0"], "--replicas"),
         ([served, "--num-cpus", "0"], "--num-cpus"),
         ([served, "--token", ""], "--token"),
+        ([served, "--ingress", "nginx"], "--ingress"),
         ([str(tmp_path / "nope")], "not found"),
         ([served, "--checkpoint", "best"], "no best checkpoint"),
     ]:
@@ -358,14 +359,12 @@ def test_serve_cli_refuses_mistakes_before_starting_anything(trained, tmp_path, 
         assert err.startswith("error: ") and words in err, (args, err)
 
 
-def test_cli_serves_until_interrupted_and_shuts_down(trained):
-    """`gogepo serve` as a user runs it: its own local Ray, the URL on stdout, the token
-    from the environment, and Ctrl-C (SIGINT) stopping Serve and Ray with status 0."""
-    port = free_port()
+def start_cli(served: Path, port: int, *extra: str) -> tuple[subprocess.Popen, str]:
+    """`gogepo serve` in a new process, as a user runs it; its URL from stdout."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {
         "GOGEPO_SERVE_TOKEN": TOKEN
     }
-    args = [str(trained["served"]), "--checkpoint", "latest", "--port", str(port)]
+    args = [str(served), "--checkpoint", "latest", "--port", str(port), *extra]
     proc = subprocess.Popen(
         [sys.executable, "-m", "gogepo_ray", "serve", *args],
         cwd=ROOT,
@@ -374,22 +373,71 @@ def test_cli_serves_until_interrupted_and_shuts_down(trained):
         stderr=subprocess.PIPE,
         text=True,
     )
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: lines.put(proc.stdout.readline()), daemon=True).start()
     try:
-        lines: queue.Queue = queue.Queue()
-        threading.Thread(target=lambda: lines.put(proc.stdout.readline()), daemon=True).start()
         url = lines.get(timeout=180).strip()
-        assert url == f"http://127.0.0.1:{port}", proc.stderr.read() if not url else url
-        assert Client(url).request("GET", "/info")[0] == 401
-        assert Client(url, TOKEN).info()["checkpoint"]["file"] == "latest.pt"
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=120) == 0
+    except queue.Empty:
+        url = ""
+    if not url:
+        proc.kill()
+        pytest.fail(f"gogepo serve printed no URL: {proc.communicate()[1][-3000:]}")
+    return proc, url
+
+
+@pytest.mark.parametrize("ingress", ["proxy", "haproxy"])
+def test_cli_serves_until_interrupted_and_shuts_down(trained, ingress):
+    """`gogepo serve` as a user runs it: its own local Ray, the URL on stdout, the token
+    from the environment, and Ctrl-C (SIGINT) stopping Serve and Ray with status 0. With
+    HAProxy two services run side by side (Serve's fixed HAProxy stats and metrics ports
+    would make the second crash), each reachable only through its own port."""
+    count = 2 if ingress == "haproxy" else 1
+    procs, urls = [], []
+    try:
+        for _ in range(count):
+            port = free_port()
+            proc, url = start_cli(trained["served"], port, "--ingress", ingress)
+            procs.append(proc)
+            urls.append(url)
+            assert url == f"http://127.0.0.1:{port}"
+        for url in urls:
+            assert Client(url).request("GET", "/info")[0] == 401
+            info = Client(url, TOKEN).info()
+            assert info["checkpoint"]["file"] == "latest.pt"
+            assert info["serving"]["ingress"] == ingress
+        for proc in procs:
+            proc.send_signal(signal.SIGINT)
+        for proc in procs:
+            assert proc.wait(timeout=120) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert "stopping" in proc.stderr.read()
-    with pytest.raises(OSError):  # nothing listens there any more
-        Client(url, TOKEN, timeout=5).healthz()
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    errs = [proc.stderr.read() for proc in procs]
+    for err in errs:
+        assert "stopping" in err
+        assert ("ingress: HAProxy" in err) == (ingress == "haproxy"), err[-2000:]
+    if ingress == "haproxy":  # each its own stats port
+        stats = {err.split("ingress: HAProxy")[1].split("/stats")[0] for err in errs}
+        assert len(stats) == count, stats
+    for url in urls:
+        with pytest.raises(OSError):  # nothing listens there any more
+            Client(url, TOKEN, timeout=5).healthz()
+
+
+def test_haproxy_is_refused_where_this_command_cannot_choose_it(trained, monkeypatch):
+    """The ingress is fixed where Ray starts: on a running cluster, or a Ray this process
+    started without HAProxy, --ingress haproxy is an error that says so."""
+    from gogepo_ray.config import ConfigError
+
+    settings = ServeSettings(port=free_port(), ingress="haproxy")
+    monkeypatch.delenv("RAY_SERVE_ENABLE_HA_PROXY", raising=False)
+    with pytest.raises(ConfigError, match="without RAY_SERVE_ENABLE_HA_PROXY=1"):
+        Service(trained["served"], "latest", settings).start()
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    with pytest.raises(ConfigError, match="RAY_ADDRESS is already running"):
+        Service(trained["served"], "latest", settings).start()
 
 
 def test_follow_swaps_the_checkpoint_while_requests_continue(service, trained, tmp_path):

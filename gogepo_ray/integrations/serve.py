@@ -15,6 +15,11 @@ JSON) and ``/act`` runs the ``nn.Sequential`` loaded from them, so both are the 
 policy by construction. Concurrent ``/act`` requests are batched by ``@serve.batch``: one
 forward per distinct policy in a batch.
 
+``--ingress`` picks what stands in front of the replicas on the Ray this command starts:
+Serve's Python proxy (``proxy``), or HAProxy (``haproxy``: the replica serves HTTP itself
+and HAProxy forwards to it; its stats page and Prometheus metrics get free ports, since
+Serve's fixed ones clash between two instances on one machine).
+
 ``--follow`` watches the run directory from the driver and redeploys the application
 with the new checkpoint in the deployment's ``user_config``; replicas load it in
 ``reconfigure``. Serve rolls the replicas over with ``max_surge_percent=100``: the old
@@ -56,6 +61,8 @@ TOKEN_ENV = "GOGEPO_SERVE_TOKEN"
 POLICY_FIELDS = ("command", "context")
 ACT_FIELDS = ("command", "context", "observations")
 PT_MEDIA = "application/octet-stream"
+INGRESSES = ("proxy", "haproxy")
+HAPROXY_ENV = "RAY_SERVE_ENABLE_HA_PROXY"
 
 
 @dataclass(frozen=True)
@@ -82,6 +89,9 @@ class ServeSettings:
     """Generated policies a replica keeps, by (command, context); least recently used go."""
     max_body_bytes: int = 1 << 20
     """Largest request body; a larger one gets a 400."""
+    ingress: str = "proxy"
+    """What stands in front of the replicas on the Ray this command starts: Serve's Python
+    proxy, or ``haproxy`` (about 4x the requests per second; docs/serving.md)."""
 
     def check(self) -> None:
         """ConfigError naming the option, for every setting out of its range."""
@@ -96,6 +106,7 @@ class ServeSettings:
             ("--max-body-bytes", self.max_body_bytes >= 1024, "must be at least 1024"),
             ("--token", self.token is None or self.token.strip() != "", "must not be empty"),
             ("--host", bool(self.host), "must not be empty"),
+            ("--ingress", self.ingress in INGRESSES, f"must be one of {', '.join(INGRESSES)}"),
         ]
         for flag, ok, rule in rules:
             if not ok:
@@ -626,6 +637,46 @@ def _port_free(host: str, port: int) -> bool:
     return True
 
 
+def _free_ports(n: int) -> list[int]:
+    """n distinct ports free on loopback now (all held open until all are picked)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in socks]
+
+
+def ingress_environment(ingress: str) -> dict[str, str]:
+    """What the Ray processes must see for ``ingress``; set it where Ray starts.
+
+    HAProxy's stats page and Prometheus metrics listen on fixed ports (8404, 9101) in
+    Serve; a second HAProxy on the same machine cannot bind them and crashes at start, so
+    each instance gets free ones here."""
+    if ingress != "haproxy":
+        return {HAPROXY_ENV: "0"}
+    stats, metrics = _free_ports(2)
+    return {
+        HAPROXY_ENV: "1",
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(stats),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(metrics),
+    }
+
+
+@contextlib.contextmanager
+def _environ(extra: dict[str, str]):
+    """os.environ with ``extra`` while Ray starts (its processes inherit it), then back."""
+    saved = {key: os.environ.get(key) for key in extra}
+    os.environ.update(extra)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def _node_pin() -> dict:
     """Replicas read the checkpoint from the run directory's path: keep them on this
     driver's node (on a local Ray the only node). Nothing when the driver is not a node."""
@@ -654,6 +705,7 @@ class Service:
     _started_serve: bool = False
     _pin: dict = field(default_factory=dict)
     _started_ray: bool = False
+    ingress_env: dict = field(default_factory=dict)  # what the Ray this service started saw
 
     @property
     def url(self) -> str:
@@ -679,6 +731,18 @@ class Service:
         import ray
 
         path = self.preflight()
+        haproxy = self.settings.ingress == "haproxy"
+        if haproxy and os.environ.get("RAY_ADDRESS"):
+            raise ConfigError(
+                "--ingress haproxy: the ingress is chosen where Ray starts, and the cluster in "
+                f"RAY_ADDRESS is already running; start its nodes with {HAPROXY_ENV}=1 "
+                "(docs/serving.md) and leave --ingress out"
+            )
+        if haproxy and ray.is_initialized() and os.environ.get(HAPROXY_ENV) != "1":
+            raise ConfigError(
+                "--ingress haproxy: this process's Ray was started without "
+                f"{HAPROXY_ENV}=1; start it with ingress_environment('haproxy')"
+            )
         if not ray.is_initialized():
             if os.environ.get("RAY_ADDRESS"):
                 ray.init(log_to_driver=False)
@@ -688,12 +752,14 @@ class Service:
                         f"--port {self.settings.port}: {self.settings.host}:{self.settings.port} "
                         "is in use; pick another port"
                     )
-                ray.init(
-                    address="local",
-                    include_dashboard=False,
-                    log_to_driver=False,
-                    configure_logging=False,
-                )
+                self.ingress_env = ingress_environment(self.settings.ingress)
+                with _environ(self.ingress_env):
+                    ray.init(
+                        address="local",
+                        include_dashboard=False,
+                        log_to_driver=False,
+                        configure_logging=False,
+                    )
                 self._started_ray = True
         status = serve.status()
         if self.app_name in status.applications:
@@ -797,6 +863,13 @@ def run_cli(source: str, which: str | None, settings: ServeSettings, follow: boo
             f"GET /info, GET /healthz; bearer token {'required' if settings.token else 'off'}"
             f"{'; following the run directory' if follow else ''}. Ctrl-C stops."
         )
+        env = service.ingress_env
+        if env.get(HAPROXY_ENV) == "1":
+            _say(
+                "ingress: HAProxy; its stats page http://<host>:"
+                f"{env['RAY_SERVE_HAPROXY_STATS_PORT']}/stats and Prometheus metrics on port "
+                f"{env['RAY_SERVE_HAPROXY_METRICS_PORT']} listen on every interface"
+            )
         if follow:
             service.follow(threading.Event(), poll_s=2.0, log=_say)
         while True:
