@@ -91,7 +91,7 @@ class ServeSettings:
     """Largest request body; a larger one gets a 400."""
     ingress: str = "proxy"
     """What stands in front of the replicas on the Ray this command starts: Serve's Python
-    proxy, or ``haproxy`` (about 4x the requests per second; docs/serving.md)."""
+    proxy, or ``haproxy`` (several times the requests per second; docs/serving.md)."""
 
     def check(self) -> None:
         """ConfigError naming the option, for every setting out of its range."""
@@ -741,7 +741,7 @@ class Service:
         if haproxy and ray.is_initialized() and os.environ.get(HAPROXY_ENV) != "1":
             raise ConfigError(
                 "--ingress haproxy: this process's Ray was started without "
-                f"{HAPROXY_ENV}=1; start it with ingress_environment('haproxy')"
+                f"{HAPROXY_ENV}=1; set the variables of ingress_environment('haproxy') before ray.init"
             )
         if not ray.is_initialized():
             if os.environ.get("RAY_ADDRESS"):
