@@ -291,8 +291,8 @@ def main(argv: list[str] | None = None) -> int:
         "command": command,
         "duration_s": args.duration,
         "torch_threads": torch.get_num_threads(),
-        # Serve's ingress in front of the replica: its Python proxy, or HAProxy
-        "ingress": settings.ingress,
+        # Serve's ingress in front of the replica, as the replica sees it
+        "ingress": info["serving"]["ingress"],
         "settings": {
             k: v for k, v in info["serving"].items() if k in ServeSettings.__dataclass_fields__
         },

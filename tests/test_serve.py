@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import re
 import shutil
 import signal
 import socket
@@ -18,7 +19,9 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -359,7 +362,13 @@ def test_serve_cli_refuses_mistakes_before_starting_anything(trained, tmp_path, 
         assert err.startswith("error: ") and words in err, (args, err)
 
 
-def start_cli(served: Path, port: int, *extra: str) -> tuple[subprocess.Popen, str]:
+class Cli(NamedTuple):
+    proc: subprocess.Popen
+    url: str
+    stderr: list[str]  # its lines so far, read by a thread while it runs
+
+
+def start_cli(served: Path, port: int, *extra: str) -> Cli:
     """`gogepo serve` in a new process, as a user runs it; its URL from stdout."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {
         "GOGEPO_SERVE_TOKEN": TOKEN
@@ -375,14 +384,26 @@ def start_cli(served: Path, port: int, *extra: str) -> tuple[subprocess.Popen, s
     )
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: lines.put(proc.stdout.readline()), daemon=True).start()
+    err: list[str] = []
+    threading.Thread(target=lambda: err.extend(proc.stderr), daemon=True).start()
     try:
         url = lines.get(timeout=180).strip()
     except queue.Empty:
         url = ""
     if not url:
         proc.kill()
-        pytest.fail(f"gogepo serve printed no URL: {proc.communicate()[1][-3000:]}")
-    return proc, url
+        proc.wait()
+        pytest.fail(f"gogepo serve printed no URL: {''.join(err)[-3000:]}")
+    return Cli(proc, url, err)
+
+
+def haproxy_stats_port(cli: Cli) -> int:
+    """The stats port `gogepo serve --ingress haproxy` says it gave HAProxy (stderr)."""
+    deadline = time.monotonic() + 30
+    while not (found := re.search(r":(\d+)/stats", "".join(cli.stderr))):
+        assert time.monotonic() < deadline, "".join(cli.stderr)[-2000:]
+        time.sleep(0.2)
+    return int(found.group(1))
 
 
 @pytest.mark.parametrize("ingress", ["proxy", "haproxy"])
@@ -390,40 +411,41 @@ def test_cli_serves_until_interrupted_and_shuts_down(trained, ingress):
     """`gogepo serve` as a user runs it: its own local Ray, the URL on stdout, the token
     from the environment, and Ctrl-C (SIGINT) stopping Serve and Ray with status 0. With
     HAProxy two services run side by side (Serve's fixed HAProxy stats and metrics ports
-    would make the second crash), each reachable only through its own port."""
+    would make the second crash), each with HAProxy's stats page on the port it printed."""
     count = 2 if ingress == "haproxy" else 1
-    procs, urls = [], []
+    clis: list[Cli] = []
     try:
         for _ in range(count):
             port = free_port()
-            proc, url = start_cli(trained["served"], port, "--ingress", ingress)
-            procs.append(proc)
-            urls.append(url)
-            assert url == f"http://127.0.0.1:{port}"
-        for url in urls:
-            assert Client(url).request("GET", "/info")[0] == 401
-            info = Client(url, TOKEN).info()
+            clis.append(start_cli(trained["served"], port, "--ingress", ingress))
+            assert clis[-1].url == f"http://127.0.0.1:{port}"
+        for cli in clis:
+            assert Client(cli.url).request("GET", "/info")[0] == 401
+            info = Client(cli.url, TOKEN).info()
             assert info["checkpoint"]["file"] == "latest.pt"
-            assert info["serving"]["ingress"] == ingress
-        for proc in procs:
-            proc.send_signal(signal.SIGINT)
-        for proc in procs:
-            assert proc.wait(timeout=120) == 0
+            assert info["serving"]["ingress"] == ingress  # as the replica's Ray runs it
+        if ingress == "haproxy":
+            stats = [haproxy_stats_port(cli) for cli in clis]
+            assert len(set(stats)) == count, stats
+            for port in stats:  # HAProxy itself answers there
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/stats", timeout=10) as r:
+                    assert r.status == 200 and b"HAProxy" in r.read()
+        for cli in clis:
+            cli.proc.send_signal(signal.SIGINT)
+        for cli in clis:
+            assert cli.proc.wait(timeout=120) == 0
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    errs = [proc.stderr.read() for proc in procs]
-    for err in errs:
+        for cli in clis:
+            if cli.proc.poll() is None:
+                cli.proc.kill()
+                cli.proc.wait()
+    time.sleep(0.5)  # the reader threads take the last lines
+    for cli in clis:
+        err = "".join(cli.stderr)
         assert "stopping" in err
         assert ("ingress: HAProxy" in err) == (ingress == "haproxy"), err[-2000:]
-    if ingress == "haproxy":  # each its own stats port
-        stats = {err.split("ingress: HAProxy")[1].split("/stats")[0] for err in errs}
-        assert len(stats) == count, stats
-    for url in urls:
         with pytest.raises(OSError):  # nothing listens there any more
-            Client(url, TOKEN, timeout=5).healthz()
+            Client(cli.url, TOKEN, timeout=5).healthz()
 
 
 def test_haproxy_is_refused_where_this_command_cannot_choose_it(trained, monkeypatch):

@@ -115,8 +115,10 @@ class ServeSettings:
 
     def replica_args(self) -> dict:
         """What a replica is given: everything but the token, whose SHA-256 goes instead
-        (init args show in Serve's dashboard and `serve config`)."""
+        (init args show in Serve's dashboard and `serve config`), and the ingress, which
+        the replica reads off its own Ray (/info)."""
         out = asdict(self)
+        out.pop("ingress")
         token = out.pop("token")
         out["token_sha256"] = None if token is None else _sha256(token.strip())
         return out
@@ -507,6 +509,8 @@ class PolicyServer:
             **self.counts,
             **{k: v for k, v in self.settings.items() if k != "token_sha256"},
             "auth": self.settings["token_sha256"] is not None,
+            # what this replica's Ray runs in front of it, whatever the driver asked for
+            "ingress": "haproxy" if os.environ.get(HAPROXY_ENV) == "1" else "proxy",
         }
         return _json(self.served.info | {"serving": serving, "reload_error": self.reload_error})
 
