@@ -31,7 +31,6 @@ import argparse
 import io
 import json
 import os
-import socket
 import sys
 import tempfile
 import threading
@@ -41,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from gogepo_ray import checkpoint as ckpt
-from gogepo_ray.integrations.serve import Client, Served, ServeSettings, Service
+from gogepo_ray.integrations.serve import Client, Served, ServeSettings, Service, free_ports
 from gogepo_ray.sysinfo import cpu_info
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -192,9 +191,7 @@ def main(argv: list[str] | None = None) -> int:
 
     tmp = tempfile.TemporaryDirectory(prefix="bench-serve-")
     source = args.run or untrained_checkpoint(args.config, args.overrides, Path(tmp.name))
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    (port,) = free_ports(1)
     settings = ServeSettings(
         port=port,
         replicas=args.replicas,

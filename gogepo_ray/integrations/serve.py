@@ -641,7 +641,7 @@ def _port_free(host: str, port: int) -> bool:
     return True
 
 
-def _free_ports(n: int) -> list[int]:
+def free_ports(n: int) -> list[int]:
     """n distinct ports free on loopback now (all held open until all are picked)."""
     with contextlib.ExitStack() as stack:
         socks = [stack.enter_context(socket.socket()) for _ in range(n)]
@@ -658,7 +658,7 @@ def ingress_environment(ingress: str) -> dict[str, str]:
     each instance gets free ones here."""
     if ingress != "haproxy":
         return {HAPROXY_ENV: "0"}
-    stats, metrics = _free_ports(2)
+    stats, metrics = free_ports(2)
     return {
         HAPROXY_ENV: "1",
         "RAY_SERVE_HAPROXY_STATS_PORT": str(stats),
