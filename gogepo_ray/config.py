@@ -136,7 +136,7 @@ class ExplorationConfig(_Section):
     noise: Literal["fixed", "adaptive"] = "fixed"
     """``fixed``: σ is ``param_noise`` throughout (the paper). ``adaptive``: σ is scaled after every batch of training policies so that a noisy policy's actions differ from the noise-free G(c)'s by ``action_distance`` (Plappert et al. 2018, arXiv 1706.01905)."""
     restart_patience: int | None = Field(default=None, ge=1)
-    """Restarts for a run stuck in its first basin: when the best evaluation of the current attempt has not risen by ``restart_gain`` of (return_max − return_min) for this many training env steps, and is below return_max minus that, the learner starts afresh: new generator, critic and optimisers from a new seed, an empty buffer, new observation statistics and noise. The run's best evaluation and ``best.pt`` stay; ``run.restore_drop`` then compares with the new attempt's best. No restart once ``run.total_env_steps`` are trained (the final evaluation). None: never (the paper)."""
+    """Restarts for a run stuck in its first basin: when the best evaluation of the current attempt has not risen by ``restart_gain`` of (return_max − return_min) for this many training env steps, and is below return_max minus that, the learner starts afresh: new generator, critic and optimisers from a new seed, an empty buffer, new observation statistics and noise. The run's best evaluation and ``best.pt`` stay; ``run.restore_drop`` then compares with the new attempt's best, and the final evaluation with the best of every attempt (a fall there restores that one, so the run ends with it). No restart once ``run.total_env_steps`` are trained (the final evaluation). None: never (the paper)."""
     restart_gain: float = Field(default=0.1, gt=0, le=1)
     """``restart_patience``: the rise of the best evaluation, as a fraction of (return_max − return_min), that counts as progress."""
     action_distance: float = Field(default=0.1, gt=0)
@@ -295,7 +295,7 @@ class RunConfig(_Section):
     name: str | None = None
     """Run directory name; default ``<env>-<time>-s<seed>``."""
     eval_command: Literal["best_return", "sweep"] = "best_return"
-    """The command an evaluation asks for. ``best_return``: the best training return so far (the paper). ``sweep``: first ``eval_sweep_commands`` commands spread over (return_min, best return], one episode each, then ``eval_episodes`` episodes of the command whose episode scored highest (the highest such command on a tie); the sweep's episodes count as evaluation steps. ``gogepo eval`` then uses the command the run's last (or best) evaluation chose."""
+    """The command an evaluation asks for. ``best_return``: the best training return so far (the paper). ``sweep``: first ``eval_sweep_commands`` commands spread over (return_min, best return], one episode each, and the command the last evaluation chose (after a restore, the best evaluation's) when it is not one of them, then ``eval_episodes`` episodes of the command whose episode scored highest (the highest such command on a tie); the sweep's episodes count as evaluation steps. ``gogepo eval`` then uses the command the run's last (or best) evaluation chose."""
     eval_sweep_commands: int = Field(default=5, ge=2)
     """``eval_command: sweep``: commands in the small sweep that picks an evaluation's command."""
     restore_drop: float | None = Field(default=None, gt=0, le=1)

@@ -111,6 +111,12 @@ def test_sweep_rule_evaluates_the_very_policy_its_sweep_chose():
     assert all(np.array_equal(p, before) for p in chosen.policy_params)
     assert chosen.trained_env_steps == probe.trained_env_steps
     assert learner.eval_command() == 600.0  # what `gogepo eval` asks for afterwards
+    learner.end_eval(1000.0)
+    learner.best_return = 900.0  # the next sweep keeps the command chosen last as a candidate
+    assert learner.begin_eval(10).commands.tolist() == [900.0, 675.0, 600.0, 450.0, 225.0]
+    learner.end_eval(1000.0)
+    learner.chosen_command = 450.0  # already one of the sweep's commands: not twice
+    assert learner.begin_eval(10).commands.tolist() == [900.0, 675.0, 450.0, 225.0]
 
 
 def test_best_evaluation_is_kept_and_restored_after_a_fall():
@@ -183,6 +189,35 @@ def test_a_stalled_attempt_restarts_afresh_and_keeps_the_run_going():
     again = Learner(cfg, spec)
     again.load_state_dict(learner.state_dict())
     assert again.restarts == 2 and again._progress_mark == learner._progress_mark
+
+
+def test_the_run_ends_with_the_best_of_every_attempt():
+    spec = policy_spec("InvertedPendulum-v5", [])
+    cfg = build_config(
+        _cfg(restore_drop=0.1).model_dump()
+        | {"exploration": {"restart_patience": 1500, "restart_gain": 0.1}}
+    )
+    learner = Learner(cfg, spec)
+
+    def evaluate(mean, steps):
+        learner.env_steps = steps
+        learner.begin_eval(2)
+        return learner.end_eval(mean)
+
+    assert evaluate(600.0, 1000)["best"]
+    first = {k: v.clone() for k, v in learner.generator.state_dict().items()}
+    assert not evaluate(620.0, 2000)["restarted"]
+    assert evaluate(610.0, 3000)["restarted"]  # no rise of 100 in 2000 steps: attempt 1
+    assert evaluate(300.0, 4000)["best"]  # attempt 1's own best; nothing is restored
+    assert not any(torch.equal(first[k], v) for k, v in learner.generator.state_dict().items())
+    again = Learner(cfg, spec)  # the earlier attempts' best survives a checkpoint
+    again.load_state_dict(learner.state_dict())
+    for run in (learner, again):  # the final evaluation falls far below attempt 0's 600
+        run.env_steps = cfg.run.total_env_steps
+        run.begin_eval(2)
+        assert run.end_eval(310.0)["restored"]
+        nets = run.generator.state_dict()
+        assert all(torch.equal(first[k], nets[k]) for k in first)
 
 
 def test_no_restart_without_restart_patience():

@@ -401,6 +401,7 @@ class Learner(StreamingLearner):
         self.updates_per_episode = Fraction(str(cfg.learner.updates_per_episode))
         self.rounds = 0
         self.restarts = 0  # exploration.restart_patience: fresh starts so far
+        self._run_best: dict | None = None  # the best evaluation of the attempts before this
         # the attempt's best evaluation when it last rose by restart_gain, and the step then
         self._progress_mark: tuple[float, int] | None = None
         self._fresh(cfg.run.seed)
@@ -486,13 +487,23 @@ class Learner(StreamingLearner):
     # ------------------------------------------------------------------ restarts
     def end_eval(self, mean: float) -> dict:
         """As ``StreamingLearner.end_eval``; with ``exploration.restart_patience`` also a
-        fresh start (``restarted`` in the outcome) when this attempt has stopped rising."""
+        fresh start (``restarted`` in the outcome) when this attempt has stopped rising.
+        Once ``run.total_env_steps`` are trained no training follows, and an evaluation is
+        judged against the best of every attempt: with ``run.restore_drop`` a fall restores
+        that one, so the run ends with the best networks it found."""
+        if self._run_best is not None and self.env_steps >= self.cfg.run.total_env_steps:
+            if self.best_eval is None or self._run_best["return"] > self.best_eval["return"]:
+                self.best_eval = self._run_best
         out = super().end_eval(mean)
         out["restarted"] = self._stalled(mean)
         if out["restarted"]:
             self.restarts += 1
+            if self.best_eval is not None and (
+                self._run_best is None or self.best_eval["return"] > self._run_best["return"]
+            ):
+                self._run_best = self.best_eval
             self._fresh(self.cfg.run.seed + _RESTART_SEED_STRIDE * self.restarts)
-            # the run's best stays in best.pt (the Trainer's); this attempt has none yet
+            # this attempt has no best yet; the run's (and best.pt, the Trainer's) stays
             self.best_eval = None
             self._progress_mark = None
         return out
@@ -577,11 +588,17 @@ class Learner(StreamingLearner):
 
     def probe_commands(self) -> np.ndarray:
         """The small sweep of ``run.eval_command: sweep``: ``eval_sweep_commands`` commands
-        evenly spread over (return_min, best training return], the highest first."""
+        evenly spread over (return_min, best training return], and the command the last
+        evaluation chose (after a restore, the best evaluation's) when it is not one of
+        them, the highest first. The best policy restored is then a candidate again."""
         top = self.cfg.env.return_max if self.best_return is None else self.best_return
         low = min(self.cfg.env.return_min, top)
         k = self.cfg.run.eval_sweep_commands
-        return np.linspace(low, top, k + 1)[1:][::-1].copy()
+        commands = np.linspace(low, top, k + 1)[1:]
+        last = self.chosen_command
+        if last is not None and not np.isclose(commands, last).any():
+            commands = np.append(commands, last)
+        return np.sort(commands)[::-1].copy()
 
     def first_eval_batch(self, episodes: int) -> ParamBatch:
         self._diagnose()
@@ -677,6 +694,13 @@ class Learner(StreamingLearner):
         # The optimisers' state tensors are new objects: a captured step would update the old.
         self._critic_update.reset()
         self._generator_update.reset()
+
+    def _eval_state(self) -> dict:
+        return super()._eval_state() | {"run_best": self._run_best}
+
+    def _load_eval_state(self, state: dict) -> None:
+        super()._load_eval_state(state)
+        self._run_best = state.get("run_best")
 
     def _best_command_fields(self, command: float | None) -> dict:
         if command is None or self.contexts is not None:  # a family's commands are per context
