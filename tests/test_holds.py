@@ -182,7 +182,7 @@ def test_a_stalled_attempt_restarts_afresh_and_keeps_the_run_going():
     assert not evaluate(1000.0, 12000)["restarted"]
     assert not evaluate(1000.0, 19000)["restarted"]
     # nor at the run's final evaluation, however long the attempt has waited
-    learner.best_eval, learner._progress_mark = None, (100.0, 12000)
+    learner.best_eval, learner._progress_mark = None, (100.0, 12000, 0.0)
     assert not evaluate(100.0, cfg.run.total_env_steps)["restarted"]
     assert evaluate(100.0, cfg.run.total_env_steps - 1)["restarted"]
     # restarts and the mark survive a checkpoint
@@ -218,6 +218,26 @@ def test_the_run_ends_with_the_best_of_every_attempt():
         assert run.end_eval(310.0)["restored"]
         nets = run.generator.state_dict()
         assert all(torch.equal(first[k], nets[k]) for k in first)
+
+
+def test_an_attempt_whose_training_returns_still_rise_is_not_restarted():
+    spec = policy_spec("InvertedPendulum-v5", [])
+    cfg = build_config(
+        _cfg().model_dump() | {"exploration": {"restart_patience": 3000, "restart_gain": 0.1}}
+    )
+    learner = Learner(cfg, spec)
+
+    def evaluate(mean, steps, best_training_return):
+        learner.env_steps, learner.best_return = steps, best_training_return
+        learner.begin_eval(2)
+        return learner.end_eval(mean)
+
+    assert not evaluate(50.0, 2000, 60.0)["restarted"]  # the mark: 50, 60 at 2000 steps
+    assert not evaluate(60.0, 4000, 150.0)["restarted"]
+    assert not evaluate(60.0, 5000, 170.0)["restarted"]  # 3000 steps, but training rose 110
+    assert learner._progress_mark == (60.0, 5000, 170.0)
+    assert not evaluate(70.0, 7000, 260.0)["restarted"]
+    assert evaluate(70.0, 8000, 260.0)["restarted"]  # neither has risen by 100 since 5000
 
 
 def test_no_restart_without_restart_patience():

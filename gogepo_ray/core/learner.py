@@ -403,7 +403,8 @@ class Learner(StreamingLearner):
         self.restarts = 0  # exploration.restart_patience: fresh starts so far
         self._run_best: dict | None = None  # the best evaluation of the attempts before this
         # the attempt's best evaluation when it last rose by restart_gain, and the step then
-        self._progress_mark: tuple[float, int] | None = None
+        # and the best training return then
+        self._progress_mark: tuple[float, int, float] | None = None
         self._fresh(cfg.run.seed)
 
     def _fresh(self, seed: int) -> None:
@@ -509,9 +510,10 @@ class Learner(StreamingLearner):
         return out
 
     def _stalled(self, mean: float) -> bool:
-        """Whether this attempt's best evaluation has not risen by ``restart_gain`` of the
-        return range for ``restart_patience`` training steps (and is below the top of the
-        range, where it cannot rise). Never once ``run.total_env_steps`` are trained: no
+        """Whether neither this attempt's best evaluation nor its best training return has
+        risen by ``restart_gain`` of the return range for ``restart_patience`` training
+        steps (and the best evaluation is below the top of the range, where it cannot rise):
+        an attempt whose exploration still finds better policies goes on. Never once ``run.total_env_steps`` are trained: no
         training follows that evaluation, so a fresh start would only leave the final
         checkpoint and the end-of-run sweep with untrained networks."""
         e, env = self.cfg.exploration, self.cfg.env
@@ -520,8 +522,14 @@ class Learner(StreamingLearner):
         if self.env_steps >= self.cfg.run.total_env_steps:
             return False
         gain = e.restart_gain * (env.return_max - env.return_min)
-        if self._progress_mark is None or mean >= self._progress_mark[0] + gain:
-            self._progress_mark = (mean, self.env_steps)
+        trained = env.return_min if self.best_return is None else self.best_return
+        mark = self._progress_mark
+        if mark is None or mean >= mark[0] + gain or trained >= mark[2] + gain:
+            self._progress_mark = (
+                mean if mark is None else max(mean, mark[0]),
+                self.env_steps,
+                trained,
+            )
             return False
         best = self.best_eval["return"] if self.best_eval is not None else mean
         waited = self.env_steps - self._progress_mark[1]
@@ -914,5 +922,9 @@ class Learner(StreamingLearner):
         self.rounds = int(c.get("rounds", self.episodes))
         self.restarts = int(c.get("restarts", 0))
         mark = c.get("progress_mark")
-        self._progress_mark = None if mark is None else (float(mark[0]), int(mark[1]))
+        self._progress_mark = (
+            None
+            if mark is None
+            else (float(mark[0]), int(mark[1]), float(mark[2] if len(mark) > 2 else mark[0]))
+        )
         self.rounds_owed = Fraction(*c.get("rounds_owed", (0, 1)))
