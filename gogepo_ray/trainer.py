@@ -788,10 +788,7 @@ class Trainer:
         if self.progress.env_steps < self._target:  # a learner restart took the run back
             self._run_until(self._target)
         self._drain_inflight()
-        restores = self.progress.restores
-        final = self.evaluate_now()
-        if self.progress.restores > restores:  # the run ends with the best networks: their score
-            final = self.evaluate_now()
+        final = self._final_evaluation()
         final_mean = self.last_eval
         self.latest_stats = self._lget(self.learner.stats.remote())
         self.save_checkpoint(final=True)
@@ -822,6 +819,39 @@ class Trainer:
         for cb in self.callbacks:
             cb.on_end(self, summary)
         return summary
+
+    def _final_evaluation(self) -> EpisodeBatch:
+        """The run's last evaluation. With ``run.restore_drop`` the run ends with the better
+        of its latest networks and its best evaluation's: a fall past the drop restores the
+        best at once; a smaller fall evaluates the best networks on fresh episodes too, and
+        they stay only if they score higher there (the best evaluation is the highest of
+        many noisy ones, so its own score overstates it). The final evaluation is the score
+        of the networks the run ends with, on episodes no choice was made on."""
+        restores = self.progress.restores
+        latest = self.evaluate_now()
+        if self.progress.restores > restores:  # past the drop: the best networks, rescored
+            return self.evaluate_now()
+        best, latest_mean = self.progress.best_eval_return, self.last_eval
+        best_at = self.progress.best_eval_env_steps
+        if self.cfg.run.restore_drop is None or best is None or not latest_mean < best:
+            return latest
+        if not self._lget(self.learner.restore_best.remote()):
+            return latest
+        contexts = getattr(self, "last_eval_contexts", None)
+        rescored = self.evaluate_now()
+        if self.last_eval > latest_mean:
+            self.progress.restores += 1
+            print(
+                f"note: the best evaluation's networks ({best:.1f} at {best_at} steps) score {self.last_eval:.1f} on fresh "
+                f"episodes against {latest_mean:.1f} for the latest; the run ends with them",
+                file=sys.stderr,
+            )
+            return rescored
+        self._lget(self.learner.undo_restore.remote())
+        # the final evaluation is the latest networks', as at the run's end
+        self.progress.eval_history.append(list(self.progress.eval_history[-2]))
+        self.last_eval, self.last_eval_contexts = latest_mean, contexts
+        return latest
 
     def summary(self, final_eval: float | None = None) -> dict:
         stats = self.latest_stats

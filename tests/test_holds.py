@@ -292,6 +292,70 @@ def test_sweep_rule_refuses_task_families():
 
 # ---------------------------------------------------------------------- end to end
 @pytest.mark.e2e
+def test_restore_best_and_undo_restore_swap_the_networks_and_their_statistics():
+    spec = policy_spec("InvertedPendulum-v5", [])
+    learner = Learner(_cfg(eval_command="sweep"), spec)
+    assert not learner.restore_best()  # no evaluation yet: nothing to restore
+    learner.begin_eval(2)
+    learner.end_eval(500.0)
+    best = {k: v.clone() for k, v in learner.generator.state_dict().items()}
+    for p in learner.generator.parameters():  # training moves on
+        p.data.add_(1.0)
+    learner.obs_stats.count, learner.chosen_command = 77, 123.0
+    latest = {k: v.clone() for k, v in learner.generator.state_dict().items()}
+    assert learner.restore_best()
+    assert all(torch.equal(best[k], v) for k, v in learner.generator.state_dict().items())
+    assert learner.obs_stats.count != 77
+    learner.undo_restore()
+    assert all(torch.equal(latest[k], v) for k, v in learner.generator.state_dict().items())
+    assert learner.obs_stats.count == 77 and learner.chosen_command == 123.0
+
+
+def _end_with_a_worse_best(trainer):
+    """Make the best evaluation's networks write a useless policy and claim an unreachable
+    best, so that the run's end must rescore them and keep its latest networks."""
+
+    def spoil(actor):
+        for t in actor.learner.best_eval["nets"]["generator"].values():
+            t.add_(50.0)
+
+    trainer._lget(trainer.learner.__ray_call__.remote(spoil))
+    trainer.progress.best_eval_return = 10_000.0
+
+
+def test_the_run_ends_with_its_latest_networks_when_the_best_rescores_lower(ray_session, tmp_path):
+    from gogepo_ray.trainer import Trainer
+
+    cfg = load_config(
+        IP_FAST,
+        [
+            "run.total_env_steps=2000",
+            "run.eval_every=1000",
+            "run.workers=1",
+            "run.sweep_at_end=false",
+            "run.restore_drop=0.999",
+            "exploration.restart_patience=null",
+            "tracking.enabled=false",
+            f"run.output_dir={tmp_path}",
+        ],
+    )
+    trainer = Trainer(cfg)
+    try:
+        trainer.run_until(cfg.run.total_env_steps)
+        before = trainer._lget(trainer.learner.state_dict.remote())["generator"]
+        _end_with_a_worse_best(trainer)
+        summary = trainer.finish()
+    finally:
+        trainer.shutdown()
+    history = summary["eval_history"]
+    # latest, the best rescored (far lower), then the latest's score again as the final one
+    assert history[-1] == history[-3] and history[-2][1] < history[-3][1]
+    assert summary["final_eval_return"] == history[-3][1]
+    assert summary["restores"] == 0
+    final = ckpt.load(trainer.run_dir / "checkpoints" / "final.pt")["learner"]["generator"]
+    assert all(torch.equal(before[k], final[k]) for k in before)
+
+
 def test_best_checkpoint_written_and_used_by_default(ray_session, tmp_path):
     cfg = load_config(
         IP_FAST,

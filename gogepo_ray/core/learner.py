@@ -250,6 +250,7 @@ class StreamingLearner:
     best_eval: dict | None = None  # the best evaluation: return, env_steps, command, nets
     restores: int = 0
     _candidate: dict | None = None  # the evaluation in progress
+    _held: dict | None = None  # the networks restore_best replaced
 
     def _nets_state(self) -> dict:
         """Copies of what an evaluation evaluates, by their state_dict keys."""
@@ -313,6 +314,28 @@ class StreamingLearner:
             self.restores += 1
             out["restored"] = True
         return out
+
+    def restore_best(self) -> bool:
+        """Put the best evaluation's networks and observation statistics back, keeping the
+        current ones for ``undo_restore``. False (nothing changes) before any evaluation."""
+        if self.best_eval is None:
+            return False
+        self._held = {
+            "nets": self._nets_state(),
+            "obs_stats": self._obs_state(),
+            "chosen_command": getattr(self, "chosen_command", None),
+        }
+        self._load_nets_state(_cloned(self.best_eval["nets"]))
+        self.obs_stats = _obs_stats_from(self.best_eval["obs_stats"])
+        return True
+
+    def undo_restore(self) -> None:
+        """Back to the networks ``restore_best`` replaced."""
+        held, self._held = self._held, None
+        self._load_nets_state(held["nets"])
+        self.obs_stats = _obs_stats_from(held["obs_stats"])
+        if hasattr(self, "chosen_command"):
+            self.chosen_command = held["chosen_command"]
 
     def best_state_dict(self) -> dict | None:
         """The learner state with the networks (and observation statistics) of the best

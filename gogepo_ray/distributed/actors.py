@@ -65,6 +65,12 @@ class LearnerActor:
     def best_state_dict(self) -> dict | None:
         return self.learner.best_state_dict()
 
+    def restore_best(self) -> bool:
+        return self.learner.restore_best()
+
+    def undo_restore(self) -> None:
+        self.learner.undo_restore()
+
     def stats(self) -> LearnerStats:
         return self.learner.stats()
 
