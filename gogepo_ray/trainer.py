@@ -837,13 +837,15 @@ class Trainer:
             return latest
         if not self._lget(self.learner.restore_best.remote()):
             return latest
-        contexts = getattr(self, "last_eval_contexts", None)
+        contexts, restores = self.last_eval_contexts, self.progress.restores
         rescored = self.evaluate_now()
         if self.last_eval > latest_mean:
-            self.progress.restores += 1
+            if self.progress.restores == restores:  # (a fall past the drop counted it already)
+                self.progress.restores += 1
             print(
-                f"note: the best evaluation's networks ({best:.1f} at {best_at} steps) score {self.last_eval:.1f} on fresh "
-                f"episodes against {latest_mean:.1f} for the latest; the run ends with them",
+                f"note: the best evaluation's networks ({best:.1f} at {best_at} steps) score "
+                f"{self.last_eval:.1f} on fresh episodes against {latest_mean:.1f} for the "
+                "latest; the run ends with them",
                 file=sys.stderr,
             )
             return rescored

@@ -425,8 +425,8 @@ class Learner(StreamingLearner):
         self.rounds = 0
         self.restarts = 0  # exploration.restart_patience: fresh starts so far
         self._run_best: dict | None = None  # the best evaluation of the attempts before this
-        # the attempt's best evaluation when it last rose by restart_gain, and the step then
-        # and the best training return then
+        # exploration.restart_patience's mark: the attempt's best evaluation, the step and
+        # the best training return when one of the two last rose by restart_gain
         self._progress_mark: tuple[float, int, float] | None = None
         self._fresh(cfg.run.seed)
 
@@ -536,9 +536,10 @@ class Learner(StreamingLearner):
         """Whether neither this attempt's best evaluation nor its best training return has
         risen by ``restart_gain`` of the return range for ``restart_patience`` training
         steps (and the best evaluation is below the top of the range, where it cannot rise):
-        an attempt whose exploration still finds better policies goes on. Never once ``run.total_env_steps`` are trained: no
-        training follows that evaluation, so a fresh start would only leave the final
-        checkpoint and the end-of-run sweep with untrained networks."""
+        an attempt whose exploration still finds better policies goes on. Never once
+        ``run.total_env_steps`` are trained: no training follows that evaluation, so a fresh
+        start would only leave the final checkpoint and the end-of-run sweep with untrained
+        networks."""
         e, env = self.cfg.exploration, self.cfg.env
         if e.restart_patience is None or not math.isfinite(mean):
             return False
