@@ -14,7 +14,6 @@ import queue
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -30,7 +29,13 @@ import torch
 from gogepo_ray import checkpoint as ckpt
 from gogepo_ray import cli
 from gogepo_ray.export import load_policy
-from gogepo_ray.integrations.serve import Client, ServeSettings, Service, run_episode
+from gogepo_ray.integrations.serve import (
+    Client,
+    ServeSettings,
+    Service,
+    free_ports,
+    run_episode,
+)
 from gogepo_ray.trainer import Callback
 from gogepo_ray.types import episode_seed
 from tests.conftest import ROOT, TINY, train_to_end
@@ -40,12 +45,6 @@ pytestmark = pytest.mark.e2e
 TOKEN = "s3cret-token"
 STEPS = 1500
 BODY_LIMIT = 16384
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class KeepCheckpoints(Callback):
@@ -126,7 +125,7 @@ def family_checkpoint(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def service(trained, family_checkpoint):
-    settings = ServeSettings(port=free_port(), token=TOKEN, max_body_bytes=BODY_LIMIT)
+    settings = ServeSettings(port=free_ports(1)[0], token=TOKEN, max_body_bytes=BODY_LIMIT)
     svc = Service(trained["served"], "latest", settings)
     url = svc.start()
     family = Service(family_checkpoint, None, settings, app_name="family", route_prefix="/family")
@@ -416,7 +415,7 @@ def test_cli_serves_until_interrupted_and_shuts_down(trained, ingress):
     clis: list[Cli] = []
     try:
         for _ in range(count):
-            port = free_port()
+            port = free_ports(1)[0]
             clis.append(start_cli(trained["served"], port, "--ingress", ingress))
             assert clis[-1].url == f"http://127.0.0.1:{port}"
         for cli in clis:
@@ -453,7 +452,7 @@ def test_haproxy_is_refused_where_this_command_cannot_choose_it(trained, monkeyp
     started without HAProxy, --ingress haproxy is an error that says so."""
     from gogepo_ray.config import ConfigError
 
-    settings = ServeSettings(port=free_port(), ingress="haproxy")
+    settings = ServeSettings(port=free_ports(1)[0], ingress="haproxy")
     monkeypatch.delenv("RAY_SERVE_ENABLE_HA_PROXY", raising=False)
     with pytest.raises(ConfigError, match="without RAY_SERVE_ENABLE_HA_PROXY=1"):
         Service(trained["served"], "latest", settings).start()

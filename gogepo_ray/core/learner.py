@@ -306,11 +306,7 @@ class StreamingLearner:
         drop = self.cfg.run.restore_drop
         span = self.cfg.env.return_max - self.cfg.env.return_min
         if drop is not None and mean < best["return"] - drop * span:
-            self._load_nets_state(_cloned(best["nets"]))
-            # The generated weights mean something only with the normalisation they were
-            # evaluated under (a balanced pendulum shrinks the observations' spread, and the
-            # same weights then act on inputs many times larger), so it comes back too.
-            self.obs_stats = _obs_stats_from(best["obs_stats"])
+            self._put_back(best)
             self.restores += 1
             out["restored"] = True
         return out
@@ -325,15 +321,21 @@ class StreamingLearner:
             "obs_stats": self._obs_state(),
             "chosen_command": getattr(self, "chosen_command", None),
         }
-        self._load_nets_state(_cloned(self.best_eval["nets"]))
-        self.obs_stats = _obs_stats_from(self.best_eval["obs_stats"])
+        self._put_back(self.best_eval)
         return True
+
+    def _put_back(self, kept: dict) -> None:
+        """Load networks kept earlier, with the observation statistics they were evaluated
+        under: the generated weights mean something only with that normalisation (a
+        balanced pendulum shrinks the observations' spread, and the same weights then act
+        on inputs many times larger)."""
+        self._load_nets_state(_cloned(kept["nets"]))
+        self.obs_stats = _obs_stats_from(kept["obs_stats"])
 
     def undo_restore(self) -> None:
         """Back to the networks ``restore_best`` replaced."""
         held, self._held = self._held, None
-        self._load_nets_state(held["nets"])
-        self.obs_stats = _obs_stats_from(held["obs_stats"])
+        self._put_back(held)
         if hasattr(self, "chosen_command"):
             self.chosen_command = held["chosen_command"]
 
