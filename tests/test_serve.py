@@ -447,18 +447,22 @@ def test_cli_serves_until_interrupted_and_shuts_down(trained, ingress):
             Client(cli.url, TOKEN, timeout=5).healthz()
 
 
-def test_haproxy_is_refused_where_this_command_cannot_choose_it(trained, monkeypatch):
-    """The ingress is fixed where Ray starts: on a running cluster, or a Ray this process
-    started without HAProxy, --ingress haproxy is an error that says so."""
+def test_haproxy_is_refused_where_the_replicas_run_the_proxy(service, trained):
+    """The ingress is fixed where Ray starts and is read off a replica: --ingress haproxy on
+    a Ray that runs Serve's Python proxy is an error that says so, the application it
+    deployed is deleted again, and the service beside it goes on answering."""
+    from ray import serve
+
     from gogepo_ray.config import ConfigError
 
-    settings = ServeSettings(port=free_ports(1)[0], ingress="haproxy")
-    monkeypatch.delenv("RAY_SERVE_ENABLE_HA_PROXY", raising=False)
-    with pytest.raises(ConfigError, match="without RAY_SERVE_ENABLE_HA_PROXY=1"):
-        Service(trained["served"], "latest", settings).start()
-    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
-    with pytest.raises(ConfigError, match="RAY_ADDRESS is already running"):
-        Service(trained["served"], "latest", settings).start()
+    if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1":
+        pytest.skip("the tests' Ray runs HAProxy")
+    settings = ServeSettings(port=service["svc"].settings.port, token=TOKEN, ingress="haproxy")
+    asked = Service(trained["served"], "latest", settings, app_name="asked", route_prefix="/asked")
+    with pytest.raises(ConfigError, match="runs Serve's Python proxy"):
+        asked.start()
+    assert "asked" not in serve.status().applications
+    assert service["client"].info()["serving"]["ingress"] == "proxy"
 
 
 def test_follow_swaps_the_checkpoint_while_requests_continue(service, trained, tmp_path):

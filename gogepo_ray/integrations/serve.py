@@ -710,6 +710,7 @@ class Service:
     _pin: dict = field(default_factory=dict)
     _started_ray: bool = False
     ingress_env: dict = field(default_factory=dict)  # what the Ray this service started saw
+    ingress: str | None = None  # what runs in front of the replicas, as a replica reports it
 
     @property
     def url(self) -> str:
@@ -735,18 +736,6 @@ class Service:
         import ray
 
         path = self.preflight()
-        haproxy = self.settings.ingress == "haproxy"
-        if haproxy and os.environ.get("RAY_ADDRESS"):
-            raise ConfigError(
-                "--ingress haproxy: the ingress is chosen where Ray starts, and the cluster in "
-                f"RAY_ADDRESS is already running; start its nodes with {HAPROXY_ENV}=1 "
-                "(docs/serving.md) and leave --ingress out"
-            )
-        if haproxy and ray.is_initialized() and os.environ.get(HAPROXY_ENV) != "1":
-            raise ConfigError(
-                "--ingress haproxy: this process's Ray was started without "
-                f"{HAPROXY_ENV}=1; set the variables of ingress_environment('haproxy') before ray.init"
-            )
         if not ray.is_initialized():
             if os.environ.get("RAY_ADDRESS"):
                 ray.init(log_to_driver=False)
@@ -783,7 +772,26 @@ class Service:
         self._pin = _node_pin()
         self._deploy(path)
         self._wait_reachable()
+        self._check_ingress()
         return self.url
+
+    def _check_ingress(self) -> None:
+        """Read what runs in front of the replicas off a replica (``/info``): the ingress is
+        fixed where each Ray node starts, so a Ray this process did not start (a cluster in
+        RAY_ADDRESS, an earlier ray.init) decides it. ``--ingress haproxy`` on one that runs
+        Serve's Python proxy deletes the application again and raises."""
+        client = Client(self.url, self.settings.token, timeout=10.0)
+        try:
+            self.ingress = client.info()["serving"]["ingress"]
+        finally:
+            client.close()
+        if self.settings.ingress == "haproxy" and self.ingress != "haproxy":
+            self.stop()
+            raise ConfigError(
+                "--ingress haproxy: the replicas' Ray runs Serve's Python proxy (its nodes were "
+                f"started without {HAPROXY_ENV}=1, and the ingress is fixed where Ray starts); "
+                f"start them with {HAPROXY_ENV}=1 (docs/serving.md), or leave --ingress out"
+            )
 
     def _deploy(self, path: Path) -> None:
         version = (path, *stamp(path))  # before the replicas read it: a newer one redeploys
@@ -868,12 +876,14 @@ def run_cli(source: str, which: str | None, settings: ServeSettings, follow: boo
             f"{'; following the run directory' if follow else ''}. Ctrl-C stops."
         )
         env = service.ingress_env
-        if env.get(HAPROXY_ENV) == "1":
+        if service.ingress == "haproxy" and env.get(HAPROXY_ENV) == "1":
             _say(
                 "ingress: HAProxy; its stats page http://<host>:"
                 f"{env['RAY_SERVE_HAPROXY_STATS_PORT']}/stats and Prometheus metrics on port "
                 f"{env['RAY_SERVE_HAPROXY_METRICS_PORT']} listen on every interface"
             )
+        elif service.ingress == "haproxy":  # a Ray this command did not start
+            _say("ingress: HAProxy, with the stats and metrics ports its nodes were started with")
         if follow:
             service.follow(threading.Event(), poll_s=2.0, log=_say)
         while True:
