@@ -121,6 +121,7 @@ def run_seed(
         "final_eval_env_steps": summary.get("final_eval_env_steps"),
         "command_fidelity": summary.get("command_fidelity"),
         "restores": summary.get("restores"),
+        "exploration_restarts": summary.get("exploration_restarts"),
         "learner_peak_rss_mib": round(memory["learner"]["peak_rss_bytes"] / mib, 1),
         "worker_peak_rss_mib": round(max(m["peak_rss_bytes"] for m in workers) / mib, 1),
         "buffer_size": summary["episodes"]

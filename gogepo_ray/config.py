@@ -136,7 +136,7 @@ class ExplorationConfig(_Section):
     noise: Literal["fixed", "adaptive"] = "fixed"
     """``fixed``: σ is ``param_noise`` throughout (the paper). ``adaptive``: σ is scaled after every batch of training policies so that a noisy policy's actions differ from the noise-free G(c)'s by ``action_distance`` (Plappert et al. 2018, arXiv 1706.01905)."""
     restart_patience: int | None = Field(default=None, ge=1)
-    """Restarts for a run stuck in its first basin: when neither the best evaluation of the current attempt nor its best training return has risen by ``restart_gain`` of (return_max − return_min) for this many training env steps, and the best evaluation is below return_max minus that, the learner starts afresh: new generator, critic and optimisers from a new seed, an empty buffer, new observation statistics and noise. The run's best evaluation and ``best.pt`` stay; ``run.restore_drop`` then compares with the new attempt's best, and the final evaluation with the best of every attempt (a fall there restores that one, so the run ends with it). No restart once ``run.total_env_steps`` are trained (the final evaluation). None: never (the paper)."""
+    """Restarts for a run stuck in its first basin: when neither the best evaluation of the current attempt nor its best training return has risen by ``restart_gain`` of (return_max − return_min) for this many training env steps, and the best evaluation is below return_max minus that, the learner starts afresh: new generator, critic and optimisers from a new seed, an empty buffer, new observation statistics and noise. The run's best evaluation and ``best.pt`` stay, and the final evaluation is judged against the best of every attempt (with ``run.restore_drop`` a fall there restores that one, so the run ends with it). No restart once ``run.total_env_steps`` are trained (the final evaluation). None: never (the paper)."""
     restart_gain: float = Field(default=0.1, gt=0, le=1)
     """``restart_patience``: the rise of the best evaluation or of the best training return, as a fraction of (return_max − return_min), that counts as progress."""
     action_distance: float = Field(default=0.1, gt=0)
@@ -299,7 +299,7 @@ class RunConfig(_Section):
     eval_sweep_commands: int = Field(default=5, ge=2)
     """``eval_command: sweep``: commands in the small sweep that picks an evaluation's command."""
     restore_drop: float | None = Field(default=None, gt=0, le=1)
-    """Keep the best: when an evaluation scores more than this fraction of (return_max − return_min) below the best evaluation so far, the generator and critic (and their optimisers) of the best evaluation are restored, with the observation statistics they were evaluated under; the buffer stays. None: never restore (the paper)."""
+    """Keep the best: when an evaluation scores more than this fraction of (return_max − return_min) below the best evaluation so far, the generator and critic (and their optimisers) of the best evaluation are restored, with the observation statistics they were evaluated under; the buffer stays. At the run's end a smaller fall evaluates the best networks on fresh episodes too, and the run ends with whichever scores higher. None: never restore (the paper)."""
     sweep_commands: int = Field(default=21, ge=2)
     """Commands in the final command sweep, spread over [return_min, return_max]."""
     sweep_at_end: bool = True

@@ -38,6 +38,8 @@ Metric keys are namespaced and documented once, here and in docs/results.md:
     diag/eval_drift            |G(c_eval) − G'(c_eval)| / |G'(c_eval)|, G' the last evaluation's generator
     diag/generated_norm        |G(c_eval)|
     diag/noise_to_weights      σ·√D / |G(c_eval)|: exploration noise against the generated weights
+    diag/saturation            share of G(c_eval)'s output pre-activations on the critic's probing
+                               states past atanh(0.99), where tanh passes almost no gradient
     summary/*                  at the end: best and final evaluation (and their steps), restores,
                                command_fidelity of the end-of-run sweep
 

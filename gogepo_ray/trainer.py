@@ -216,6 +216,7 @@ class Trainer:
         self._failure_log = open(self.run_dir / "failures.jsonl", "a")
         self._started = time.perf_counter()
         self._finished = False
+        self._final = False  # the final evaluation is under way (_final_evaluation)
         for cb in self.callbacks:
             cb.on_start(self)
         if resume is None:  # step 0: a learner restart and --resume always have a checkpoint
@@ -549,7 +550,7 @@ class Trainer:
         self.last_eval = mean
         if result.contexts is not None:
             self.last_eval_contexts = heldout_metrics(result)
-        outcome = self._lget(self.learner.end_eval.remote(mean))
+        outcome = self._lget(self.learner.end_eval.remote(mean, self._final))
         best = self.progress.best_eval_return
         # after a learner restart the restored learner's best can be below the run's best
         if outcome["best"] and (best is None or not mean <= best):
@@ -827,6 +828,7 @@ class Trainer:
         they stay only if they score higher there (the best evaluation is the highest of
         many noisy ones, so its own score overstates it). The final evaluation is the score
         of the networks the run ends with, on episodes no choice was made on."""
+        self._final = True  # the learner judges these evaluations as the run's last
         restores = self.progress.restores
         latest = self.evaluate_now()
         if self.progress.restores > restores:  # past the drop: the best networks, rescored
@@ -850,9 +852,12 @@ class Trainer:
             )
             return rescored
         self._lget(self.learner.undo_restore.remote())
-        # the final evaluation is the latest networks', as at the run's end
-        self.progress.eval_history.append(list(self.progress.eval_history[-2]))
-        self.last_eval, self.last_eval_contexts = latest_mean, contexts
+        # the final evaluation is the latest networks' again, recorded after the rescore
+        step, mean, std = self.progress.eval_history[-2]
+        self.progress.eval_history.append([step, mean, std])
+        self.last_eval, self.last_eval_contexts = mean, contexts
+        for cb in self.callbacks:
+            cb.on_eval(self, step, mean, std)
         return latest
 
     def summary(self, final_eval: float | None = None) -> dict:

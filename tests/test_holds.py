@@ -4,6 +4,7 @@ the best evaluation (best.pt, --checkpoint) and keep-the-best, and command fidel
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -212,10 +213,14 @@ def test_the_run_ends_with_the_best_of_every_attempt():
     assert not any(torch.equal(first[k], v) for k, v in learner.generator.state_dict().items())
     again = Learner(cfg, spec)  # the earlier attempts' best survives a checkpoint
     again.load_state_dict(learner.state_dict())
-    for run in (learner, again):  # the final evaluation falls far below attempt 0's 600
-        run.env_steps = cfg.run.total_env_steps
+    # the final evaluation falls far below attempt 0's 600: once the steps are trained, or
+    # when the run ends early (a time limit), where a stalled attempt must not restart
+    learner.env_steps = cfg.run.total_env_steps
+    again.env_steps = 9000
+    for run, final in ((learner, False), (again, True)):
         run.begin_eval(2)
-        assert run.end_eval(310.0)["restored"]
+        outcome = run.end_eval(310.0, final=final)
+        assert outcome["restored"] and not outcome["restarted"]
         nets = run.generator.state_dict()
         assert all(torch.equal(first[k], nets[k]) for k in first)
 
@@ -311,16 +316,35 @@ def test_restore_best_and_undo_restore_swap_the_networks_and_their_statistics():
     assert learner.obs_stats.count == 77 and learner.chosen_command == 123.0
 
 
+class _EvalsSeen:
+    """A trainer callback that keeps every evaluation it is told of."""
+
+    def __init__(self) -> None:
+        self.evals: list[tuple[int, float]] = []
+
+    def on_eval(self, trainer, env_steps: int, mean: float, std: float) -> None:
+        self.evals.append((env_steps, mean))
+
+    def on_start(self, trainer) -> None: ...
+    def on_train(self, trainer, stats) -> None: ...
+    def on_checkpoint(self, trainer, path) -> None: ...
+    def on_end(self, trainer, summary) -> None: ...
+
+
 def _end_with_a_worse_best(trainer):
-    """Make the best evaluation's networks write a useless policy and claim an unreachable
-    best, so that the run's end must rescore them and keep its latest networks."""
+    """Make the best evaluation's networks write a policy that cannot run (non-finite
+    weights: every episode of it fails, whatever the machine's floating point makes of a
+    barely trained pendulum) and claim a best of 500, above the latest and within the
+    drop, so that the run's end must rescore them and keep its latest networks."""
 
     def spoil(actor):
-        for t in actor.learner.best_eval["nets"]["generator"].values():
-            t.add_(50.0)
+        best = actor.learner.best_eval
+        for t in best["nets"]["generator"].values():
+            t.fill_(float("nan"))
+        best["return"] = 500.0  # above what the final evaluation scores, within the drop
 
     trainer._lget(trainer.learner.__ray_call__.remote(spoil))
-    trainer.progress.best_eval_return = 10_000.0
+    trainer.progress.best_eval_return = 500.0
 
 
 def test_the_run_ends_with_its_latest_networks_when_the_best_rescores_lower(ray_session, tmp_path):
@@ -339,7 +363,8 @@ def test_the_run_ends_with_its_latest_networks_when_the_best_rescores_lower(ray_
             f"run.output_dir={tmp_path}",
         ],
     )
-    trainer = Trainer(cfg)
+    seen = _EvalsSeen()
+    trainer = Trainer(cfg, callbacks=[seen])
     try:
         trainer.run_until(cfg.run.total_env_steps)
         before = trainer._lget(trainer.learner.state_dict.remote())["generator"]
@@ -348,10 +373,12 @@ def test_the_run_ends_with_its_latest_networks_when_the_best_rescores_lower(ray_
     finally:
         trainer.shutdown()
     history = summary["eval_history"]
-    # latest, the best rescored (far lower), then the latest's score again as the final one
-    assert history[-1] == history[-3] and history[-2][1] < history[-3][1]
+    # latest, the best rescored (every episode failed), then the latest's score again
+    assert history[-1] == history[-3] and math.isnan(history[-2][1])
     assert summary["final_eval_return"] == history[-3][1]
     assert summary["restores"] == 0
+    # callbacks (MLflow, bench/learning.py) see the same evaluations, the final one last
+    assert repr(seen.evals) == repr([(step, mean) for step, mean in history])
     final = ckpt.load(trainer.run_dir / "checkpoints" / "final.pt")["learner"]["generator"]
     assert all(torch.equal(before[k], final[k]) for k in before)
 

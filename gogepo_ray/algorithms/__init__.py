@@ -7,7 +7,7 @@ name. ``register`` adds one at run time (the tests register a tiny third algorit
 
 The learner protocol the Trainer drives (``gogepo_ray.core.learner.StreamingLearner``):
 ``step(batches, proposals)``, ``propose(n)``, ``propose_eval(commands, episodes, contexts)``,
-``eval_command()``, ``begin_eval`` / ``eval_at`` / ``end_eval``, ``best_state_dict()``,
+``eval_command()``, ``begin_eval`` / ``eval_at`` / ``end_eval(mean, final)``, ``best_state_dict()``,
 ``stats()``, ``state_dict()`` / ``load_state_dict()``. What it checkpoints is its
 ``state_dict()``: ``checkpoints/*.pt`` hold it under ``learner``.
 """

@@ -72,6 +72,9 @@ def generator_loss(
     return ((critic(generator.layers(commands, context), context) - commands) ** 2).mean()
 
 
+# diag/saturation: |z| beyond this puts tanh(z) past ±0.99, where its slope is below 0.02
+_SATURATED = math.atanh(0.99)
+
 # exploration.restart_patience: restart k draws its networks and noise from seed + k × this
 _RESTART_SEED_STRIDE = 104_729
 
@@ -248,6 +251,7 @@ class StreamingLearner:
     # A periodic evaluation is begin_eval (the learner keeps a copy of the networks it
     # evaluates), for eval_command sweep eval_at, then end_eval with the mean return.
     best_eval: dict | None = None  # the best evaluation: return, env_steps, command, nets
+    chosen_command: float | None = None  # eval_command sweep: the command last chosen
     restores: int = 0
     _candidate: dict | None = None  # the evaluation in progress
     _held: dict | None = None  # the networks restore_best replaced
@@ -283,11 +287,12 @@ class StreamingLearner:
     def first_eval_batch(self, episodes: int) -> ParamBatch:
         return self.propose_eval(None, episodes)
 
-    def end_eval(self, mean: float) -> dict:
+    def end_eval(self, mean: float, final: bool = False) -> dict:
         """Record the mean return of the evaluation begun last. It becomes the best one when
         it beats it; with ``run.restore_drop`` an evaluation that falls more than that
         fraction of the return range below the best restores the best networks and the
-        observation statistics they were evaluated with (the buffer stays)."""
+        observation statistics they were evaluated with (the buffer stays). ``final``: the
+        run's final evaluation (subclasses judge it differently)."""
         cand, self._candidate = self._candidate, None
         out = {"best": False, "restored": False, "restarted": False}
         if cand is None or not math.isfinite(mean):
@@ -319,7 +324,7 @@ class StreamingLearner:
         self._held = {
             "nets": self._nets_state(),
             "obs_stats": self._obs_state(),
-            "chosen_command": getattr(self, "chosen_command", None),
+            "chosen_command": self.chosen_command,
         }
         self._put_back(self.best_eval)
         return True
@@ -336,8 +341,7 @@ class StreamingLearner:
         """Back to the networks ``restore_best`` replaced."""
         held, self._held = self._held, None
         self._put_back(held)
-        if hasattr(self, "chosen_command"):
-            self.chosen_command = held["chosen_command"]
+        self.chosen_command = held["chosen_command"]
 
     def best_state_dict(self) -> dict | None:
         """The learner state with the networks (and observation statistics) of the best
@@ -495,7 +499,6 @@ class Learner(StreamingLearner):
         self._noise_states = torch.randn(
             64, spec.obs_dim, generator=torch.Generator().manual_seed(seed + 1)
         )  # (64, obs_dim)
-        self.chosen_command: float | None = None  # eval_command sweep: the last one chosen
         self._last_eval_params: torch.Tensor | None = None  # G(c_eval) of the last evaluation
         self._diag: dict[str, float] = {}  # diagnostics of the last evaluation
         self.best_return: float | None = None
@@ -511,17 +514,19 @@ class Learner(StreamingLearner):
         }
 
     # ------------------------------------------------------------------ restarts
-    def end_eval(self, mean: float) -> dict:
+    def end_eval(self, mean: float, final: bool = False) -> dict:
         """As ``StreamingLearner.end_eval``; with ``exploration.restart_patience`` also a
         fresh start (``restarted`` in the outcome) when this attempt has stopped rising.
-        Once ``run.total_env_steps`` are trained no training follows, and an evaluation is
-        judged against the best of every attempt: with ``run.restore_drop`` a fall restores
-        that one, so the run ends with the best networks it found."""
-        if self._run_best is not None and self.env_steps >= self.cfg.run.total_env_steps:
+        The final evaluation (``final``, or any once ``run.total_env_steps`` are trained)
+        is judged against the best of every attempt: with ``run.restore_drop`` a fall
+        restores that one, so the run ends with the best networks it found. It never
+        restarts: no training follows it."""
+        final = final or self.env_steps >= self.cfg.run.total_env_steps
+        if self._run_best is not None and final:
             if self.best_eval is None or self._run_best["return"] > self.best_eval["return"]:
                 self.best_eval = self._run_best
-        out = super().end_eval(mean)
-        out["restarted"] = self._stalled(mean)
+        out = super().end_eval(mean, final)
+        out["restarted"] = not final and self._stalled(mean)
         if out["restarted"]:
             self.restarts += 1
             if self.best_eval is not None and (
@@ -538,14 +543,11 @@ class Learner(StreamingLearner):
         """Whether neither this attempt's best evaluation nor its best training return has
         risen by ``restart_gain`` of the return range for ``restart_patience`` training
         steps (and the best evaluation is below the top of the range, where it cannot rise):
-        an attempt whose exploration still finds better policies goes on. Never once
-        ``run.total_env_steps`` are trained: no training follows that evaluation, so a fresh
-        start would only leave the final checkpoint and the end-of-run sweep with untrained
-        networks."""
+        an attempt whose exploration still finds better policies goes on. (Never at the
+        final evaluation: no training follows it, so a fresh start would only leave the
+        final checkpoint and the end-of-run sweep with untrained networks.)"""
         e, env = self.cfg.exploration, self.cfg.env
         if e.restart_patience is None or not math.isfinite(mean):
-            return False
-        if self.env_steps >= self.cfg.run.total_env_steps:
             return False
         gain = e.restart_gain * (env.return_max - env.return_min)
         trained = env.return_min if self.best_return is None else self.best_return
@@ -667,7 +669,8 @@ class Learner(StreamingLearner):
         """What moves when a run falls (docs "Learning that holds"), measured at every
         periodic evaluation: the buffer's returns, the critic's error on the buffer's best
         policies, V(G(c)) against c at the evaluation command, how far G(c_eval) moved since
-        the last evaluation, and the exploration noise against the generated weights."""
+        the last evaluation, the exploration noise against the generated weights, and the
+        share of G(c_eval)'s actions on the probing states where tanh is saturated."""
         n = len(self.buffer)
         if n == 0 or self.contexts is not None:
             return
@@ -680,6 +683,9 @@ class Learner(StreamingLearner):
             c = self.eval_command()
             g = self.generator(torch.tensor([c], dtype=torch.float32, device=self.device))
             v_g = float(self.critic(g))
+            # the critic sees a policy through its tanh actions on the probing states
+            z = policy_preactivation(self.spec, g, self.critic.probing_states)
+            saturated = float((z.abs() > _SATURATED).double().mean())
             g = g.cpu()[0]
         d = {
             "buffer/return_mean": float(returns.mean()),
@@ -689,6 +695,7 @@ class Learner(StreamingLearner):
             "diag/critic_error_top": float((v_top - returns[top]).abs().mean()),
             "diag/critic_gap_eval": v_g - c,
             "diag/generated_norm": float(g.norm()),
+            "diag/saturation": saturated,
             "diag/noise_to_weights": self.param_noise
             * math.sqrt(g.numel())
             / max(float(g.norm()), 1e-12),

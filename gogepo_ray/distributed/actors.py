@@ -59,8 +59,8 @@ class LearnerActor:
     def eval_at(self, command: float, episodes: int) -> ParamBatch:
         return self.learner.eval_at(command, episodes)
 
-    def end_eval(self, mean: float) -> dict:
-        return self.learner.end_eval(mean)
+    def end_eval(self, mean: float, final: bool = False) -> dict:
+        return self.learner.end_eval(mean, final)
 
     def best_state_dict(self) -> dict | None:
         return self.learner.best_state_dict()
