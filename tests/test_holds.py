@@ -17,6 +17,7 @@ from gogepo_ray.config import ConfigError, build_config, load_config
 from gogepo_ray.core.buffer import BucketBuffer
 from gogepo_ray.core.learner import Learner
 from gogepo_ray.envs import policy_spec
+from gogepo_ray.trainer import Callback
 from tests.conftest import make_batch, run_gogepo, train_to_end
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -157,6 +158,7 @@ def test_a_stalled_attempt_restarts_afresh_and_keeps_the_run_going():
     params = learner.propose(2)
     learner.step([make_batch(params, returns=[40.0, 50.0], lengths=[40, 50])], [])
     first = {k: v.clone() for k, v in learner.generator.state_dict().items()}
+    learner.chosen_command = 45.0  # as an eval_command sweep would have chosen
 
     def evaluate(mean, steps):
         learner.env_steps = steps
@@ -170,6 +172,7 @@ def test_a_stalled_attempt_restarts_afresh_and_keeps_the_run_going():
     # a fresh start: other networks, an empty buffer, no best; the counters go on
     assert len(learner.buffer) == 0 and learner.best_return is None
     assert learner.best_eval is None and learner.env_steps == 5000 and learner.episodes == 2
+    assert learner.chosen_command is None  # the old attempt's command is no candidate
     assert any(not torch.equal(v, first[k]) for k, v in learner.generator.state_dict().items())
     assert learner.stats().metrics["explore/restarts"] == 1
     # the new attempt's networks come from another seed than the run's first ones
@@ -316,7 +319,7 @@ def test_restore_best_and_undo_restore_swap_the_networks_and_their_statistics():
     assert learner.obs_stats.count == 77 and learner.chosen_command == 123.0
 
 
-class _EvalsSeen:
+class _EvalsSeen(Callback):
     """A trainer callback that keeps every evaluation it is told of."""
 
     def __init__(self) -> None:
@@ -324,11 +327,6 @@ class _EvalsSeen:
 
     def on_eval(self, trainer, env_steps: int, mean: float, std: float) -> None:
         self.evals.append((env_steps, mean))
-
-    def on_start(self, trainer) -> None: ...
-    def on_train(self, trainer, stats) -> None: ...
-    def on_checkpoint(self, trainer, path) -> None: ...
-    def on_end(self, trainer, summary) -> None: ...
 
 
 def _end_with_a_worse_best(trainer):

@@ -499,6 +499,7 @@ class Learner(StreamingLearner):
         self._noise_states = torch.randn(
             64, spec.obs_dim, generator=torch.Generator().manual_seed(seed + 1)
         )  # (64, obs_dim)
+        self.chosen_command = None  # a new attempt has chosen no evaluation command yet
         self._last_eval_params: torch.Tensor | None = None  # G(c_eval) of the last evaluation
         self._diag: dict[str, float] = {}  # diagnostics of the last evaluation
         self.best_return: float | None = None
