@@ -617,6 +617,65 @@ def test_loss_helpers_by_hand():
         torch.testing.assert_close(generator_loss(gen, critic, commands), expected)
 
 
+def test_saturation_penalty_is_the_excess_past_the_bound_squared():
+    """generator_loss with a penalty adds penalty × mean(max(|z| − atanh(0.99), 0)²) of the
+    output pre-activations on the given states, and nothing for policies inside the bound."""
+    torch.manual_seed(1)
+    spec = PolicySpec(2, 1, (), (-1.0,), (1.0,))
+    critic = Critic(spec, probing_states=3, hidden=(4,))
+    gen = Generator(spec, command_scale=10.0, tile=2, hidden=(8,), output_scale=20.0)
+    commands = torch.tensor([0.0, 5.0])
+    states = torch.randn(16, 2)
+    with torch.no_grad():
+        plain = generator_loss(gen, critic, commands)
+        theta = gen(commands)  # (2, 3): w1, w2, b
+        z = states @ theta[:, :2].T + theta[:, 2]  # (16, 2)
+        excess = torch.relu(z.abs() - math.atanh(0.99))
+        assert excess.gt(0).any()  # the large output scale pins some actions
+        torch.testing.assert_close(
+            generator_loss(gen, critic, commands, None, 3.0, states),
+            plain + 3.0 * (excess**2).mean(),
+        )
+        small = Generator(spec, command_scale=10.0, tile=2, hidden=(8,), output_scale=0.1)
+        torch.testing.assert_close(
+            generator_loss(small, critic, commands, None, 3.0, states),
+            generator_loss(small, critic, commands),
+        )
+
+
+def test_saturation_penalty_keeps_generated_actions_off_the_bounds(cfg):
+    """generator.saturation_penalty: with a critic whose value rises with every action and a
+    command beyond its reach, generator steps drive a linear policy's pre-activations on
+    normalised observations far past the bound without the penalty; with it they stay
+    near the bound, for almost the same value."""
+    from gogepo_ray.envs import policy_spec
+
+    def trained(penalty: float) -> tuple[float, float]:
+        run_cfg = cfg.model_copy(deep=True)
+        run_cfg.policy.hidden = []
+        run_cfg.generator.saturation_penalty = penalty
+        linear = policy_spec(run_cfg.env.id, [])
+        learner = Learner(run_cfg, linear)
+        with torch.no_grad():  # V = a positive-weighted sum of the actions plus a constant
+            for layer in learner.critic.head:
+                if isinstance(layer, nn.Linear):
+                    layer.weight.abs_()
+                    layer.bias.copy_(3 * layer.weight.sum(1))  # no ReLU unit ever off
+        for p in learner.propose(4).policy_params:
+            learner.buffer.add(torch.as_tensor(p), 1e6)
+        for _ in range(100):
+            learner.generator_step()
+        with torch.no_grad():
+            g = learner.generator(torch.tensor([1e6]))
+            z = policy_preactivation(linear, g, learner._noise_states)
+            value = float(learner.critic(g))
+        return float(torch.relu(z.abs() - math.atanh(0.99)).mean()), value
+
+    (free, free_value), (bounded, bounded_value) = trained(0.0), trained(1.0)
+    assert free > 10.0 and bounded < 1.0, (free, bounded)
+    assert bounded_value > 0.95 * free_value, (free_value, bounded_value)
+
+
 def test_learner_propose(cfg, spec):
     learner = Learner(cfg, spec)
     pb = learner.propose(8)

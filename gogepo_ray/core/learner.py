@@ -62,18 +62,31 @@ def critic_loss(
     return ((critic(policy_params, context) - returns) ** 2).mean()
 
 
+# |z| beyond this puts tanh(z) past ±0.99, where its slope is below 0.02: diag/saturation
+# and generator.saturation_penalty
+_SATURATED = math.atanh(0.99)
+
+
 def generator_loss(
     generator: Generator,
     critic: Critic,
     commands: torch.Tensor,
     context: torch.Tensor | None = None,
+    penalty: float = 0.0,
+    states: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Paper eq. (generator): mean over commands of (V(G(c[, x])[, x]) − c)², V held fixed."""
-    return ((critic(generator.layers(commands, context), context) - commands) ** 2).mean()
+    """Paper eq. (generator): mean over commands of (V(G(c[, x])[, x]) − c)², V held fixed.
 
+    ``penalty`` > 0 (generator.saturation_penalty × (return_max − return_min)²) adds
+    penalty × the mean of max(|z| − atanh(0.99), 0)² over the output pre-activations z of
+    the generated policies on ``states`` (N, obs_dim): a cost on pinning tanh at ±1."""
+    layers = generator.layers(commands, context)
+    loss = ((critic(layers, context) - commands) ** 2).mean()
+    if penalty:
+        z = policy_preactivation(generator.spec, layers, states.to(layers[0][0].dtype))
+        loss = loss + penalty * (torch.relu(z.float().abs() - _SATURATED) ** 2).mean()
+    return loss
 
-# diag/saturation: |z| beyond this puts tanh(z) past ±0.99, where its slope is below 0.02
-_SATURATED = math.atanh(0.99)
 
 # exploration.restart_patience: restart k draws its networks and noise from seed + k × this
 _RESTART_SEED_STRIDE = 104_729
@@ -472,8 +485,18 @@ class Learner(StreamingLearner):
             self.critic_opt,
             self.device,
         )
+        span = cfg.env.return_max - cfg.env.return_min
+        penalty = g.saturation_penalty * span**2
+        # where adaptive noise measures the action distance and the saturation penalty
+        # looks at the generated policies: normalised observations
+        self._noise_states = torch.randn(
+            64, spec.obs_dim, generator=torch.Generator().manual_seed(seed + 1)
+        )  # (64, obs_dim)
+        states = self._noise_states.to(self.device)
         self._generator_update = OptimiserStep(
-            lambda commands, x: generator_loss(self.generator, self.critic, commands, x),
+            lambda commands, x: generator_loss(
+                self.generator, self.critic, commands, x, penalty, states
+            ),
             self.generator_opt,
             self.device,
         )
@@ -495,10 +518,6 @@ class Learner(StreamingLearner):
         self.obs_stats = ObsStats(spec.obs_dim)
         self.rng = torch.Generator().manual_seed(seed)  # noise and buffer sampling
         self.param_noise = cfg.exploration.param_noise  # σ now (adaptive noise moves it)
-        # where adaptive noise measures the action distance: normalised observations
-        self._noise_states = torch.randn(
-            64, spec.obs_dim, generator=torch.Generator().manual_seed(seed + 1)
-        )  # (64, obs_dim)
         self.chosen_command = None  # a new attempt has chosen no evaluation command yet
         self._last_eval_params: torch.Tensor | None = None  # G(c_eval) of the last evaluation
         self._diag: dict[str, float] = {}  # diagnostics of the last evaluation
