@@ -94,7 +94,7 @@ class GeneratorConfig(_Section):
     """Hidden sizes of the per-layer-kind hypernetwork MLPs (ReLU)."""
     output_scale: float = Field(default=2.0, gt=0)
     """s: generated weights and biases are scaled by s/√fan_in."""
-    saturation_penalty: float = Field(default=0.0, ge=0)
+    saturation_penalty: float = Field(default=0.0, ge=0, allow_inf_nan=False)
     """λ: the generator's loss adds λ·(return_max − return_min)² × the mean of max(|z| − atanh(0.99), 0)² over the output pre-activations z of its policies on 64 standard-normal (normalised) observations, so that G(c) does not pin its actions at the bounds, where neither the critic's gradient nor the parameter noise moves them (docs "Learning that holds"). 0: off (the paper)."""
     lr: float = Field(default=2e-6, gt=0)
     """Adam learning rate of the generator."""

@@ -147,6 +147,8 @@ def test_unknown_key():
         ("critic.lr=0", "critic.lr"),
         ("generator.lr=-1", "generator.lr"),
         ("generator.tile=0", "generator.tile"),
+        ("generator.saturation_penalty=-1e-4", "generator.saturation_penalty"),
+        ("generator.saturation_penalty=inf", "generator.saturation_penalty"),
         ("policy.hidden=[16,0]", "policy.hidden"),
         ("buffer.capacity=0", "buffer.capacity"),
         ("exploration.param_noise=-0.1", "exploration.param_noise"),
