@@ -79,11 +79,12 @@ def generator_loss(
 
     ``penalty`` > 0 (generator.saturation_penalty × (return_max − return_min)²) adds
     penalty × the mean of max(|z| − atanh(0.99), 0)² over the output pre-activations z of
-    the generated policies on ``states`` (N, obs_dim): a cost on pinning tanh at ±1."""
+    the generated policies on ``states`` (N, obs_dim, on G's device and in the dtype of its
+    layers): a cost on pinning tanh at ±1."""
     layers = generator.layers(commands, context)
     loss = ((critic(layers, context) - commands) ** 2).mean()
     if penalty:
-        z = policy_preactivation(generator.spec, layers, states.to(layers[0][0].dtype))
+        z = policy_preactivation(generator.spec, layers, states)
         loss = loss + penalty * (torch.relu(z.float().abs() - _SATURATED) ** 2).mean()
     return loss
 
@@ -492,7 +493,8 @@ class Learner(StreamingLearner):
         self._noise_states = torch.randn(
             64, spec.obs_dim, generator=torch.Generator().manual_seed(seed + 1)
         )  # (64, obs_dim)
-        states = self._noise_states.to(self.device)
+        # once here, not at every step: G's layers are bf16 under bf16, and so are these
+        states = self._noise_states.to(self.device, torch.bfloat16 if bf16 else torch.float32)
         self._generator_update = OptimiserStep(
             lambda commands, x: generator_loss(
                 self.generator, self.critic, commands, x, penalty, states
